@@ -1,0 +1,150 @@
+"""LoRA adapters on one UNet: add, stack, switch, freeze, save and load.
+
+All adapters live on the same UNet (peft, through diffusers' `add_adapter` / `load_lora_into_unet`):
+the shortcut is a frozen adapter, ShortFT's timestep-aware LoRAs are further adapters, and *stacking*
+means several adapters active at once (their low-rank updates add up).
+
+peft's own `set_adapter` also flips `requires_grad` on the adapters it (de)activates, which would make
+the frozen shortcut trainable whenever it runs. `activate` therefore switches adapters without
+touching `requires_grad`: which parameters train is decided once by `set_trainable`.
+
+Files are written in the diffusers LoRA format (keys `unet.<module>.lora_A.weight`, LoraConfig in the
+safetensors metadata), so a stock `pipe.load_lora_weights(path, adapter_name=...)` loads them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+
+# "Attention and feed-forward layers" of the SD UNet's transformer blocks (paper, sec. 3.2).
+ATTN_FF_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+
+
+def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = None,
+             targets: Sequence[str] = ATTN_FF_TARGETS) -> None:
+    """Add a fresh LoRA adapter `name` (B = 0, so the model is unchanged) with fp32 parameters."""
+    config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
+                        init_lora_weights="gaussian", target_modules=list(targets))
+    unet.add_adapter(config, adapter_name=name)
+    for p in adapter_parameters(unet, name):
+        p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+
+
+def lora_layers(unet: torch.nn.Module) -> Iterable[BaseTunerLayer]:
+    """Every peft-wrapped layer of the UNet."""
+    return (m for m in unet.modules() if isinstance(m, BaseTunerLayer))
+
+
+def adapter_names(unet: torch.nn.Module) -> list[str]:
+    """Names of the adapters loaded on the UNet, in insertion order."""
+    return list(getattr(unet, "peft_config", {}).keys())
+
+
+def activate(unet: torch.nn.Module, names: Sequence[str]) -> None:
+    """Make exactly `names` active on every LoRA layer (empty = base model). requires_grad is untouched."""
+    names = list(names)
+    for layer in lora_layers(unet):
+        layer._active_adapter = names  # peft reads this list in forward; set_adapter would flip requires_grad
+        layer._disable_adapters = False
+
+
+def active(unet: torch.nn.Module) -> list[str]:
+    """The adapters currently active (read from the first LoRA layer)."""
+    for layer in lora_layers(unet):
+        return list(layer.active_adapters)
+    return []
+
+
+def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter]:
+    """The parameters of adapter `name` (peft names them `...lora_A.<name>.weight`)."""
+    return [p for n, p in unet.named_parameters() if f".{name}." in n and ".lora_" in n]
+
+
+def set_trainable(unet: torch.nn.Module, names: Iterable[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter of the UNet except the adapters `names`; return the trainable ones."""
+    names = set(names)
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    trainable = []
+    for name in names:
+        for p in adapter_parameters(unet, name):
+            p.requires_grad_(True)
+            trainable.append(p)
+    return trainable
+
+
+def set_scale(unet: torch.nn.Module, name: str, scale: float) -> None:
+    """Multiply adapter `name`'s update by `scale` (on top of its alpha / rank)."""
+    for layer in lora_layers(unet):
+        if name in getattr(layer, "scaling", {}):
+            layer.set_scale(name, scale)
+
+
+def resolve_file(spec: str | os.PathLike) -> Path:
+    """A local file, or `repo_id/filename` (e.g. `ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors`)
+    fetched from the hub cache. A clear error when neither works."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    parts = str(spec).split("/")
+    if len(parts) < 3:
+        raise FileNotFoundError(f"LoRA file {str(spec)!r} does not exist; give a local .safetensors file "
+                                "or repo_id/filename on the Hugging Face hub")
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+    except Exception as err:  # offline, missing repo, missing file: one message for all
+        raise FileNotFoundError(
+            f"LoRA file {str(spec)!r} is neither a local file nor downloadable as {filename!r} from hub "
+            f"repo {repo_id!r} ({type(err).__name__}); download it and pass the local path") from err
+
+
+def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainable: bool = False) -> None:
+    """Load a LoRA file (diffusers or kohya keys, e.g. Hyper-SD) onto the UNet as adapter `name`."""
+    from diffusers import StableDiffusionPipeline  # the loader mixin that understands every SD LoRA format
+
+    path = resolve_file(spec)
+    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
+    if not any(k.startswith("unet.") for k in state_dict):
+        raise ValueError(f"{path} holds no UNet LoRA weights (keys start with {next(iter(state_dict), None)!r})")
+    if name in adapter_names(unet):
+        raise ValueError(f"an adapter named {name!r} is already loaded")
+    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=metadata)
+    for p in adapter_parameters(unet, name):
+        p.requires_grad_(trainable)
+        if trainable:
+            p.data = p.data.float()
+    activate(unet, [])  # loading activates the new adapter; the chain decides what runs
+
+
+def lora_state_dict(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights with diffusers keys (`unet.` prefix, no adapter name in the keys)."""
+    sd = get_peft_model_state_dict(unet, adapter_name=name)
+    return {f"unet.{k}": v.detach().clone() for k, v in sd.items()}
+
+
+def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike) -> Path:
+    """Write adapter `name` as a diffusers LoRA safetensors file with its LoraConfig as metadata."""
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    layers = {k[len("unet."):]: v.to(torch.float32) for k, v in lora_state_dict(unet, name).items()}
+    config = unet.peft_config[name].to_dict()
+    config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=path.name,
+                                              unet_lora_adapter_metadata=config)
+    os.replace(tmp / path.name, path)  # atomic: a reader never sees half a file
+    tmp.rmdir()
+    return path

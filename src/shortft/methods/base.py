@@ -1,0 +1,90 @@
+"""What every method shares: the rollout context, the default loss, the default single LoRA."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from shortft import lora
+from shortft.chain import Plan, run_plan, sampling_plan
+
+
+@dataclass
+class Rollout:
+    """Everything one training rollout needs besides the plan."""
+
+    backend: object  # SDBackend
+    prompts: list[str]  # (B,) prompts of this rollout
+    cond: torch.Tensor  # (B, L, D) prompt embeddings
+    uncond: torch.Tensor  # (B, L, D) empty-prompt embeddings (CFG)
+    x_T: torch.Tensor  # (B, C, h, w) initial noise
+    reward: object  # (images in [0,1], prompts) -> (B,)
+    generator: torch.Generator  # for noise a method draws during the rollout (DRaFT-LV)
+
+
+class Method:
+    """Base class: one LoRA ("lora") used at every timestep, the reward of the final image as the loss.
+
+    Subclasses set `name` and implement `plan`; they may override `loss` (DRaFT-LV) and the adapter
+    layout (ShortFT). `setup` is called once with the backend before training or sampling.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the TrainConfig (fields used by each method are listed in its docstring)
+        self.timesteps: list[int] = []  # sampling timesteps, e.g. 981, 961, ..., 1 for 50 DDIM steps
+
+    # --- adapters -------------------------------------------------------------------------------------
+    def adapter_names(self) -> list[str]:
+        """Adapters this method creates and trains."""
+        return ["lora"]
+
+    def adapters_at(self, index: int) -> tuple[str, ...]:
+        """Adapters active at sampling step `index` (0 = the noisiest)."""
+        return ("lora",)
+
+    def trainable(self, progress: float) -> list[str]:
+        """Adapters trained at this point of training (progress in [0, 1))."""
+        return self.adapter_names()
+
+    def setup(self, backend) -> None:
+        """Fix the timesteps and add this method's fresh LoRA adapters to the backend's UNet."""
+        self.timesteps = backend.timesteps(self.cfg.num_steps)
+        for name in self.adapter_names():
+            if name not in lora.adapter_names(backend.unet):
+                lora.add_lora(backend.unet, name, self.cfg.lora_rank, self.cfg.lora_alpha)
+
+    # --- rollouts -------------------------------------------------------------------------------------
+    def plan(self, progress: float, rng: random.Random) -> Plan:
+        """The training rollout; randomness is drawn from `rng`, once per rollout."""
+        raise NotImplementedError
+
+    def sample_plan(self) -> Plan:
+        """Inference: the original chain with no gradient, each step with its adapters."""
+        return sampling_plan(self.timesteps, self.adapters_at, self.cfg.guidance)
+
+    def loss(self, ro: Rollout, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """-mean reward of the rollout's final image; returns (loss, rewards (B,), extra info)."""
+        x0 = run_plan(ro.backend, plan, ro.x_T, ro.cond, ro.uncond)
+        rewards = ro.reward(ro.backend.decode(x0), ro.prompts)  # (B,)
+        return -rewards.mean(), rewards.detach(), {}
+
+
+def steps_with(timesteps: list[int], adapters, grads: list[str], guidance: float, stop: int | None = None):
+    """Original-chain steps 0..stop with per-step grad modes; the step at `stop` jumps to x̂0.
+
+    `grads[i]` is the grad mode of step i; without `stop` the chain runs to the end (END)."""
+    from shortft.chain import END, X0, Step
+
+    last = len(timesteps) - 1 if stop is None else stop
+    out = []
+    for i in range(last + 1):
+        if i < len(timesteps) - 1 and i < last:
+            t_to = timesteps[i + 1]
+        else:
+            t_to = END if stop is None else X0
+        out.append(Step(timesteps[i], t_to, tuple(adapters), grads[i], guidance))
+    return out

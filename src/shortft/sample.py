@@ -1,0 +1,97 @@
+"""Sampling with trained LoRAs: the original chain (no shortcut) with each timestep's adapters, in
+this engine or in a stock diffusers pipeline through `TimestepLoRASwitch`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from shortft import lora
+from shortft.chain import run_plan
+
+
+def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
+    """(N, C, h, w) initial latents, row i drawn from torch.Generator().manual_seed(seeds[i]), exactly as a
+    stock pipeline given a list of generators draws them."""
+    return torch.cat([torch.randn((1, *shape[1:]), generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@torch.no_grad()
+def generate(backend, plan, prompts: list[str], seeds: list[int], batch_size: int = 8) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] for prompts[i] from seed seeds[i], sampled along `plan`."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        x = seeded_noise(backend.latent_shape(len(p)), s).to(backend.device)
+        cond, uncond = backend.encode_prompts(p), backend.encode_prompts([""] * len(p))
+        out.append(backend.decode(run_plan(backend, plan, x, cond, uncond)).cpu())
+    return torch.cat(out)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
+    """Rebuild (backend, method, cfg) from a run folder, with its trained LoRAs loaded."""
+    from shortft.backends import SDBackend
+    from shortft.config import from_dict
+    from shortft.methods import METHODS
+
+    run_dir = Path(run_dir)
+    meta_file = run_dir / "lora" / "shortft.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished shortft run (no lora/shortft.json)")
+    meta = json.loads(meta_file.read_text())
+    cfg = from_dict(meta["config"])
+    backend = SDBackend.load(cfg.model, device=device)
+    for name in meta["adapters"]:
+        lora.load_lora(backend.unet, run_dir / "lora" / f"{name}.safetensors", name)
+    method = METHODS[cfg.method](cfg)
+    method.setup(backend)
+    return backend, method, cfg
+
+
+class TimestepLoRASwitch:
+    """`callback_on_step_end` for a stock diffusers StableDiffusionPipeline that switches LoRA adapters
+    per timestep, so plain diffusers reproduces `shortft sample`.
+
+        switch = TimestepLoRASwitch.from_run("runs/x", pipe)   # loads the LoRA files into the pipeline
+        pipe(prompts, num_inference_steps=50, callback_on_step_end=switch)
+
+    `schedule` maps each sampling timestep to the adapters active there ([] = base model). The
+    callback runs after step i and sets the adapters of step i + 1; `prepare` sets those of step 0.
+    """
+
+    def __init__(self, schedule: dict[int, list[str]], all_adapters: list[str]):
+        self.schedule = {int(t): list(a) for t, a in schedule.items()}
+        self.all_adapters = list(all_adapters)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, pipe) -> TimestepLoRASwitch:
+        run_dir = Path(run_dir)
+        meta = json.loads((run_dir / "lora" / "shortft.json").read_text())
+        for name in meta["adapters"]:
+            pipe.load_lora_weights(run_dir / "lora", weight_name=f"{name}.safetensors", adapter_name=name)
+        switch = cls({int(t): a for t, a in meta["schedule"].items()}, meta["adapters"])
+        switch.apply(pipe, meta["timesteps"][0])
+        return switch
+
+    def apply(self, pipe, t: int) -> None:
+        """Activate the adapters of timestep t: weight 1 for the active ones, 0 for the rest (exact base)."""
+        active = self.schedule.get(int(t), [])
+        pipe.set_adapters(self.all_adapters, [1.0 if a in active else 0.0 for a in self.all_adapters])
+
+    def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
+        timesteps = pipe.scheduler.timesteps
+        if step_index + 1 < len(timesteps):
+            self.apply(pipe, int(timesteps[step_index + 1]))
+        return callback_kwargs
+
+
+def run_metadata(method, cfg_dict: dict) -> dict:
+    """What a run folder's lora/shortft.json records: adapters, per-timestep schedule, config."""
+    plan = method.sample_plan()
+    return {"adapters": method.adapter_names(), "timesteps": method.timesteps,
+            "schedule": {str(s.t_from): list(s.adapters) for s in plan.steps},
+            "guidance": method.cfg.guidance, "config": cfg_dict}
