@@ -61,6 +61,8 @@ class TrainConfig:
     grad_accum: int = 1  # rollouts accumulated per optimiser step
     lr: float = 1e-3  # AdamW learning rate
     weight_decay: float = 0.1  # AdamW weight decay (DRaFT: 0.1)
+    time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit); equal-compute benchmarks
+    unet_call_budget: int = 0  # stop after this many UNet calls in rollouts (0 = no limit); equal-call benchmarks
     max_grad_norm: float = 1.0  # gradient-norm clipping; a non-finite norm skips the step
     seed: int = 0  # seeds LoRA init, prompts, noise and every random draw of the methods
     # --- output -------------------------------------------------------------------------------------------

@@ -165,6 +165,8 @@ def train(cfg: TrainConfig) -> Path:
     if cfg.resume:
         state = load_checkpoint(run_dir, unet, optimizer)
         start, skipped, history = state["step"], state["skipped"], state["history"]
+    elapsed = sum(h["seconds"] for h in history)  # training time so far (budgets survive a resume)
+    calls = history[-1]["unet_calls"] if history else 0
     writer = None
     if is_main:
         import yaml
@@ -191,7 +193,12 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, disable=not is_main,
                desc=cfg.method, dynamic_ncols=True)
     for step in bar:
-        t0, progress = time.perf_counter(), step / cfg.max_steps
+        # progress in [0, 1) drives progressive training; a time or UNet-call budget can end training early
+        progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0,
+                       calls / cfg.unet_call_budget if cfg.unet_call_budget else 0.0)
+        if progress >= 1:
+            break
+        t0 = time.perf_counter()
         lora.set_trainable(unet, method.trainable(progress))  # progressive training: stage i trains i..k
         step_rewards, info = [], {}
         for micro in range(cfg.grad_accum):
@@ -205,6 +212,7 @@ def train(cfg: TrainConfig) -> Path:
                 accelerator.backward(loss)
                 step_rewards.append(rewards)
                 info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps), **extra}
+                calls += info["unet_calls"]
                 if accelerator.sync_gradients:
                     for p in params:  # adapters outside this stage's set never move (AdamW would decay them)
                         if not p.requires_grad:
@@ -216,8 +224,10 @@ def train(cfg: TrainConfig) -> Path:
                     skipped += int(not finite)
                 optimizer.zero_grad(set_to_none=True)
         mean_reward = float(accelerator.gather(torch.cat(step_rewards).to(accelerator.device)).mean())
-        history.append({"step": step + 1, "reward": mean_reward, "grad_norm": float(grad_norm),
-                        "seconds": time.perf_counter() - t0})
+        seconds = time.perf_counter() - t0
+        elapsed += seconds
+        history.append({"step": step + 1, "reward": mean_reward, "grad_norm": float(grad_norm), "seconds": seconds,
+                        "unet_calls": calls, "graph_calls": info["graph_calls"], "stage": info.get("stage", 0)})
         if is_main:
             bar.set_postfix(reward=f"{mean_reward:.4f}", s_it=f"{history[-1]['seconds']:.2f}", skipped=skipped)
             if (step + 1) % cfg.log_every == 0:
@@ -234,7 +244,7 @@ def train(cfg: TrainConfig) -> Path:
             if cfg.grid_every and (step + 1) % cfg.grid_every == 0 and step + 1 < cfg.max_steps:
                 _, images = evaluate(backend, method, reward, eval_prompts, cfg.model)
                 save_grid(images, run_dir / "grids" / f"step-{step + 1:07d}.png", scale=2)
-        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.max_steps:
+        if (step + 1) % cfg.checkpoint_every == 0:
             accelerator.wait_for_everyone()
             if is_main:
                 save_checkpoint(run_dir, unet, method, optimizer,
@@ -242,10 +252,13 @@ def train(cfg: TrainConfig) -> Path:
     bar.close()
 
     accelerator.wait_for_everyone()
+    final_step = history[-1]["step"] if history else 0
     if is_main:
+        if final_step % cfg.checkpoint_every:
+            save_checkpoint(run_dir, unet, method, optimizer, {"step": final_step, "skipped": skipped, "history": history})
         save_loras(run_dir, unet, method, cfg)
         after, images = evaluate(backend, method, reward, eval_prompts, cfg.model)
-        save_grid(images, run_dir / "grids" / f"step-{cfg.max_steps:07d}.png", scale=2)
+        save_grid(images, run_dir / "grids" / f"step-{final_step:07d}.png", scale=2)
         if before is None and (run_dir / "before.json").is_file():
             before = json.loads((run_dir / "before.json").read_text())
         plot_curve(history, run_dir / "reward_curve.png", title=f"{cfg.method} / {cfg.reward}")

@@ -52,4 +52,5 @@ class DraftLV(DraftK):
             x_t = a**0.5 * x0.detach() + (1 - a) ** 0.5 * noise  # re-noise the stop-gradient sample
             x0_j = run_plan(backend, [renoise], x_t, ro.cond, ro.uncond)
             total = total + ro.reward(backend.decode(x0_j), ro.prompts).mean()
-        return -total, rewards.detach(), {"graph_calls": 1 + self.cfg.lv_copies}
+        return -total, rewards.detach(), {"graph_calls": 1 + self.cfg.lv_copies,
+                                          "unet_calls": len(plan.steps) + self.cfg.lv_copies}
