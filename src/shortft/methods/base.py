@@ -50,9 +50,13 @@ class Method:
         """Adapters trained at this point of training (progress in [0, 1))."""
         return self.adapter_names()
 
+    def use_timesteps(self, timesteps: list[int]) -> None:
+        """Fix the sampling timesteps (everything a plan needs from the model)."""
+        self.timesteps = list(timesteps)
+
     def setup(self, backend) -> None:
         """Fix the timesteps and add this method's fresh LoRA adapters to the backend's UNet."""
-        self.timesteps = backend.timesteps(self.cfg.num_steps)
+        self.use_timesteps(backend.timesteps(self.cfg.num_steps))
         for name in self.adapter_names():
             if name not in lora.adapter_names(backend.unet):
                 lora.add_lora(backend.unet, name, self.cfg.lora_rank, self.cfg.lora_alpha)

@@ -21,7 +21,7 @@ class ShortcutFT(Method):
 
     def setup(self, backend) -> None:
         super().setup(backend)
-        self.timesteps = backend.timesteps(self.cfg.segments, spacing="trailing")
+        self.use_timesteps(backend.timesteps(self.cfg.segments, spacing="trailing"))
         if SHORTCUT not in lora.adapter_names(backend.unet):
             lora.load_lora(backend.unet, self.cfg.shortcut, SHORTCUT, trainable=False)
             lora.set_scale(backend.unet, SHORTCUT, self.cfg.shortcut_scale)

@@ -51,9 +51,12 @@ class ShortFT(Method):
         self.k = cfg.segments
         self.bounds: list[int] = []
 
+    def use_timesteps(self, timesteps: list[int]) -> None:
+        super().use_timesteps(timesteps)
+        self.bounds = segment_bounds(len(self.timesteps), self.k)
+
     def setup(self, backend) -> None:
         super().setup(backend)
-        self.bounds = segment_bounds(len(self.timesteps), self.k)
         if SHORTCUT not in lora.adapter_names(backend.unet):
             lora.load_lora(backend.unet, self.cfg.shortcut, SHORTCUT, trainable=False)
             lora.set_scale(backend.unet, SHORTCUT, self.cfg.shortcut_scale)
