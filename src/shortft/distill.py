@@ -1,0 +1,526 @@
+"""`shortft distill`: a trajectory-preserving shortcut LoRA for any SD-family model.
+
+Trajectory-segmented consistency distillation, the idea behind Hyper-SD's TSCD (Ren et al., "Hyper-SD:
+Trajectory Segmented Consistency Model for Efficient Image Synthesis", 2024), on top of consistency
+distillation (Song et al., "Consistency Models", ICML 2023; Luo et al., LCM, 2023).
+
+Segments. [0, T] is cut into k segments with edges T*j/k, snapped to the DDIM grid that ShortFT samples
+on (SD 1.5, 50 steps, k = 4: lower edges 761, 501, 261, 1), so the shortcut lands exactly where ShortFT
+asks it to (741->501, 481->261, 241->1, and 981->761). Segment j holds the grid timesteps t with
+edge_j < t <= edge_{j-1} (the first segment: every timestep above edge_1).
+
+Student. The base UNet plus the LoRA being trained (adapter "shortcut"), conditional-only, in the
+parametrisation ShortFT uses: one DDIM jump from its ε̂ straight to the segment's lower edge,
+    f_θ(x_t, t) = √ᾱ_e x̂0 + √(1-ᾱ_e) ε̂,   x̂0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t,   ε̂ = ε_θ(x_t, t, c).
+At t = e the jump is the identity, so the consistency boundary condition holds by construction.
+
+Target. The frozen teacher (base weights, no gradient) runs m ∈ [1, teacher_steps] DDIM steps of the
+grid from t toward the edge; if it has not reached the edge, an EMA copy of the student (adapter
+"shortcut_ema"; ema = 0 gives the stop-gradient student) bridges the remainder in one jump. Loss: MSE
+between the student's landing point and the target, in latent space at the edge (what ShortFT consumes).
+
+Where x_t comes from: the teacher's own trajectories, no dataset. Before training, `pool` trajectories
+are sampled from noise with the teacher and stored at every grid timestep. A row of a batch is either a
+point on a stored trajectory (exactly the states ShortFT's base chain visits) or, with probability
+`noised_fraction`, a stored clean sample re-noised with fresh noise (off-trajectory states, which
+ShortFT's fine-tuned LoRAs also produce). Either way the teacher runs live from x_t.
+
+Guidance. ShortFT runs its original chain with CFG (`guidance`: 5 on the world model, 7.5 on SD 1.5)
+and the shortcut conditional-only (`shortcut_guidance` = 1). So the teacher here is the CFG teacher
+and the student conditional-only: the shortcut then approximates the very trajectories the chain
+follows (with guidance), at one UNet call per jump (not two), as Hyper-SD's CFG-free LoRAs do.
+
+Fidelity (`shortft distill --eval`, `fidelity`): on held-out prompts and fresh noises, (a) the RMSE of
+the shortcut's one-step jump from each segment's first 50-step timestep to its lower edge against the
+50-step CFG teacher trajectory, next to the base model's naive one-step DDIM jump with the same CFG;
+(b) the k-step shortcut sample (jumps start -> edge_1 -> ... -> edge_{k-1} -> end) against the
+50-step teacher sample from the same noise, next to the naive k-step DDIM sample.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import random
+import time
+import tokenize
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+# torch, peft and diffusers are imported inside the functions: the CLI imports this module to register
+# `shortft distill`, and `shortft --help` should not pay for them.
+
+STUDENT = "shortcut"  # the adapter being trained; ShortFT loads the output file under this name
+EMA = "shortcut_ema"  # the EMA copy that bridges the teacher's remainder
+EVAL_SEED = 1_000_000  # eval noises use seeds EVAL_SEED + i: disjoint from the training pool's seeds
+
+
+@dataclass
+class DistillConfig:
+    model: str = "world"  # hub id, local diffusers folder, or "world" (the embedded model)
+    out: str = ""  # output LoRA file (.safetensors, diffusers format)
+    segments: int = 4  # k: shortcut segments (ShortFT: 4)
+    num_steps: int = 50  # DDIM grid of the teacher and of ShortFT's chain; edges snap to it
+    steps: int = 2000  # optimiser steps
+    batch_size: int = 8  # rows per segment per step (every step trains all k segments)
+    lr: float = 1e-3  # AdamW learning rate (constant after a short warm-up)
+    rank: int = 8  # LoRA rank on attention + feed-forward layers (file size grows linearly)
+    guidance: float = 0.0  # teacher CFG; 0 = the model's ShortFT default (world 5, other models 7.5)
+    prompts: str = ""  # prompt set or file; "" = world-train on the world model, simple-animals otherwise
+    teacher_steps: int = 4  # m is drawn from 1..teacher_steps: teacher DDIM steps before the EMA bridges
+    ema: float = 0.95  # EMA decay of the bridging copy (LCM: 0.95); 0 = stop-gradient student
+    pool: int = 256  # teacher trajectories sampled up front (memory: pool x (num_steps+1) latents)
+    noised_fraction: float = 0.5  # share of rows that re-noise a clean teacher sample instead
+    warmup: int = 50  # linear learning-rate warm-up steps
+    seed: int = 0  # seeds the LoRA init, the pool's prompts and noises, and every draw
+    time_budget: float = 0.0  # stop training after this many seconds (0 = no limit); the file is still written
+    checkpoint_every: int = 50  # steps between checkpoints in work_dir (an interrupted run resumes there)
+    work_dir: str = ""  # checkpoints, pool and log; "" = runs/distill-<out stem>
+    dtype: str = "fp32"  # frozen weights: fp32, fp16 or bf16 (the LoRA trains in fp32)
+    device: str = ""  # "" = cuda if available, else cpu
+    threads: int = 0  # CPU threads for torch; 0 = torch's default (on a shared CPU, 1 is often faster)
+
+
+# Config fields that may change between an interrupted run and its resume.
+RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads"}
+DTYPES = ("fp32", "fp16", "bf16")
+
+
+def _field_comments(cls) -> dict[str, str]:
+    """The trailing comment of each dataclass field: the CLI help text."""
+    import inspect
+
+    out, current = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
+            current = tok.string
+        elif tok.type == tokenize.COMMENT and current:
+            out[current] = tok.string.lstrip("# ")
+        elif tok.type == tokenize.NEWLINE:
+            current = None
+    return out
+
+
+def model_defaults(model: str) -> dict:
+    """ShortFT's own defaults for this model: the CFG scale of its chain and its prompt sets."""
+    from shortft.config import PRESETS, TrainConfig
+
+    preset = {**asdict(TrainConfig()), **PRESETS["world" if model == "world" else "sd15"]}
+    return {"guidance": preset["guidance"], "prompts": preset["prompts"], "eval_prompts": preset["eval_prompts"]}
+
+
+def segment_layout(timesteps: list[int], k: int) -> list[dict]:
+    """Per segment (high noise first): the grid indices it trains on, its lower edge, and where ShortFT
+    starts its jump. 50 steps, k = 4: edges 761, 501, 261, 1; starts 981, 741, 481, 241."""
+    from shortft.methods.shortft import segment_bounds
+
+    b = segment_bounds(len(timesteps), k)
+    out = []
+    for j in range(1, k + 1):
+        edge = b[j] - 1  # grid index of the segment's last timestep (ShortFT's landing point)
+        first = b[j - 1] - 1 if j > 1 else 0  # the previous edge belongs here too: k-step sampling starts there
+        if edge - first < 1:
+            raise ValueError(f"segments={k} with num_steps={len(timesteps)} leaves segment {j} without an "
+                             "inner step; use fewer segments or more steps")
+        out.append({"train": list(range(first, edge)), "edge": edge, "start": b[j - 1]})
+    return out
+
+
+# --- the teacher's trajectories --------------------------------------------------------------------------
+def teacher_trajectories(backend, timesteps: list[int], cond: torch.Tensor, uncond: torch.Tensor,
+                         noise: torch.Tensor, guidance: float) -> torch.Tensor:
+    """(N, C, h, w) noises -> (N, S+1, C, h, w): the CFG DDIM chain's latent at every grid timestep
+    (index i is the input of step i, index S is the final sample)."""
+    import torch
+
+    from shortft.chain import END, Step, run_plan
+
+    ends = timesteps[1:] + [END]
+    x, out = noise, [noise]
+    for t, t2 in zip(timesteps, ends):
+        x = run_plan(backend, [Step(t, t2, (), "none", guidance)], x, cond, uncond)  # no grad: grad="none"
+        out.append(x)
+    return torch.stack(out, dim=1)
+
+
+def build_pool(backend, timesteps, contexts, uncond, cfg: DistillConfig, guidance: float, batch: int = 32):
+    """Sample `cfg.pool` teacher trajectories from seeded noise: (trajectories, prompt index per row)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from shortft.sample import seeded_noise
+
+    rng = random.Random(f"pool-{cfg.seed}")
+    which = torch.tensor([rng.randrange(len(contexts)) for _ in range(cfg.pool)])
+    trajs = []
+    for i in tqdm(range(0, cfg.pool, batch), desc="teacher trajectories", dynamic_ncols=True):
+        idx = which[i:i + batch]
+        noise = seeded_noise(backend.latent_shape(len(idx)), [cfg.seed * 100_000 + i + r for r in range(len(idx))])
+        trajs.append(teacher_trajectories(backend, timesteps, contexts[idx], uncond.expand(len(idx), -1, -1),
+                                          noise.to(backend.device), guidance).cpu())
+    return torch.cat(trajs), which
+
+
+# --- one distillation step -------------------------------------------------------------------------------
+class TSCD:
+    """The loss of trajectory-segmented consistency distillation; see the module docstring."""
+
+    def __init__(self, backend, timesteps: list[int], layout: list[dict], contexts: torch.Tensor,
+                 uncond: torch.Tensor, pool: torch.Tensor, pool_prompts: torch.Tensor, cfg: DistillConfig,
+                 guidance: float):
+        self.b, self.ts, self.layout, self.cfg, self.guidance = backend, timesteps, layout, cfg, guidance
+        self.contexts, self.uncond, self.pool, self.pool_prompts = contexts, uncond, pool, pool_prompts
+        self.bridge = EMA if cfg.ema > 0 else STUDENT  # ema = 0: the stop-gradient student bridges
+
+    def draw(self, rng: random.Random, generator: torch.Generator) -> list[dict]:
+        """One group of rows per segment: a grid index n, teacher steps m, pool rows, fresh noise."""
+        import torch
+
+        groups = []
+        for seg in self.layout:
+            n = rng.choice(seg["train"])
+            m = rng.randint(1, min(self.cfg.teacher_steps, seg["edge"] - n))
+            rows = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator)
+            noised = torch.rand(self.cfg.batch_size, generator=generator) < self.cfg.noised_fraction
+            noise = torch.randn((self.cfg.batch_size, *self.pool.shape[2:]), generator=generator)
+            groups.append({"n": n, "m": m, "edge": seg["edge"], "rows": rows, "noised": noised, "noise": noise})
+        return groups
+
+    def x_t(self, g: dict) -> torch.Tensor:
+        """(B, C, h, w) states at grid index n: on a stored trajectory, or a clean sample re-noised."""
+        import torch
+
+        on_traj = self.pool[g["rows"], g["n"]]  # (B, C, h, w)
+        a = self.b.alpha(self.ts[g["n"]])
+        renoised = a**0.5 * self.pool[g["rows"], -1] + (1 - a) ** 0.5 * g["noise"]
+        return torch.where(g["noised"][:, None, None, None], renoised, on_traj).to(self.b.device)
+
+    def target(self, x: torch.Tensor, g: dict, cond: torch.Tensor) -> torch.Tensor:
+        """Teacher m CFG steps from n toward the edge, then the bridge's jump for the rest (if any);
+        no graph: every step has grad="none"."""
+        from shortft.chain import Step, run_plan
+
+        n, m, e, ts = g["n"], g["m"], g["edge"], self.ts
+        uncond = self.uncond.expand(len(x), -1, -1)
+        y = run_plan(self.b, [Step(ts[i], ts[i + 1], (), "none", self.guidance) for i in range(n, n + m)],
+                     x, cond, uncond)
+        if n + m < e:
+            y = run_plan(self.b, [Step(ts[n + m], ts[e], (self.bridge,), "none", 1.0)], y, cond)
+        return y
+
+    def loss(self, groups: list[dict]) -> tuple[torch.Tensor, list[float]]:
+        """Mean over segments of the MSE between the student's jump to the edge and the target."""
+        import torch
+
+        from shortft.chain import Step, run_plan
+
+        losses = []
+        for g in groups:
+            x = self.x_t(g)
+            cond = self.contexts[self.pool_prompts[g["rows"]]].to(self.b.device)
+            target = self.target(x, g, cond)
+            pred = run_plan(self.b, [Step(self.ts[g["n"]], self.ts[g["edge"]], (STUDENT,), "full", 1.0)], x, cond)
+            losses.append(torch.nn.functional.mse_loss(pred, target))
+        return torch.stack(losses).mean(), [float(v.detach()) for v in losses]
+
+
+def ema_update(unet, decay: float) -> None:
+    """EMA ← decay · EMA + (1 - decay) · student, parameter by parameter."""
+    if decay <= 0:
+        return
+    ema = dict(_adapter_named(unet, EMA))
+    for name, p in _adapter_named(unet, STUDENT):
+        ema[name].data.lerp_(p.detach(), 1 - decay)
+
+
+def _adapter_named(unet, adapter: str) -> list[tuple[str, torch.nn.Parameter]]:
+    """Adapter parameters keyed by their name with the adapter name removed (the same key for every adapter)."""
+    return [(n.replace(f".{adapter}.", ".<a>."), p) for n, p in unet.named_parameters()
+            if f".{adapter}." in n and ".lora_" in n]
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+def _atomic_save(obj, path: Path) -> None:
+    import torch
+
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, unet, optimizer, step: int, history: list, cfg: DistillConfig,
+                    rng: random.Random, generator: torch.Generator) -> None:
+    state = {name: {k: p.detach().cpu().clone() for k, p in _adapter_named(unet, name)} for name in (STUDENT, EMA)}
+    _atomic_save({"step": step, "adapters": state, "optimizer": optimizer.state_dict(), "history": history,
+                  "config": asdict(cfg), "rng": rng.getstate(), "generator": generator.get_state()}, path)
+
+
+def load_checkpoint(path: Path, unet, optimizer, cfg: DistillConfig, rng, generator) -> tuple[int, list]:
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    old = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
+    new = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+    if old != new:
+        diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
+        raise ValueError(f"checkpoint {path} was made with a different config {diff} (old, new); "
+                         "pass --fresh to start over or use another --work-dir")
+    for name in (STUDENT, EMA):
+        params = dict(_adapter_named(unet, name))
+        for k, v in state["adapters"][name].items():
+            params[k].data.copy_(v)
+    optimizer.load_state_dict(state["optimizer"])
+    rng.setstate(state["rng"])
+    generator.set_state(state["generator"])
+    return state["step"], state["history"]
+
+
+# --- the loop ----------------------------------------------------------------------------------------------
+def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
+    """Train the shortcut LoRA and write it to `cfg.out`; return that path."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from shortft import lora
+    from shortft.backends import SDBackend
+    from shortft.prompts import load_prompts
+
+    if not cfg.out:
+        raise ValueError("distill needs --out FILE.safetensors")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype {cfg.dtype!r} not in {list(DTYPES)}")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
+    if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 1 or cfg.pool < 1:
+        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 1, pool >= 1")
+    defaults = model_defaults(cfg.model)
+    guidance = cfg.guidance or defaults["guidance"]
+    work = Path(cfg.work_dir or f"runs/distill-{Path(cfg.out).stem}")
+    work.mkdir(parents=True, exist_ok=True)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)  # LoRA initialisation
+
+    backend = SDBackend.load(cfg.model, device=device, dtype=dtype)
+    ts = backend.timesteps(cfg.num_steps)
+    layout = segment_layout(ts, cfg.segments)
+    prompts = load_prompts(cfg.prompts or defaults["prompts"])
+    contexts = torch.cat([backend.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]).cpu()
+    uncond = backend.encode_prompts([""])  # (1, L, D)
+    unet = backend.unet
+    lora.add_lora(unet, STUDENT, cfg.rank)
+    lora.add_lora(unet, EMA, cfg.rank)
+    student = dict(_adapter_named(unet, STUDENT))
+    for key, p in _adapter_named(unet, EMA):  # the EMA starts as a copy of the student
+        p.data.copy_(student[key].data)
+    params = lora.set_trainable(unet, [STUDENT])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
+
+    ckpt, pool_file = work / "checkpoint.pt", work / "pool.pt"
+    step, history = 0, []
+    if ckpt.is_file() and not fresh:
+        step, history = load_checkpoint(ckpt, unet, optimizer, cfg, rng, generator)
+        print(f"distill: resuming {ckpt} at step {step}")
+    t0 = time.time()
+    if pool_file.is_file() and not fresh and step > 0:
+        pool, pool_prompts = torch.load(pool_file, map_location="cpu").values()
+    else:
+        pool, pool_prompts = build_pool(backend, ts, contexts.to(backend.device), uncond, cfg, guidance)
+        _atomic_save({"pool": pool, "prompts": pool_prompts}, pool_file)
+    pool_seconds = time.time() - t0
+    tscd = TSCD(backend, ts, layout, contexts, uncond, pool, pool_prompts, cfg, guidance)
+
+    # per segment: mean m teacher CFG steps (2 passes each) + 1 bridge pass + student forward/backward (~3)
+    calls = cfg.segments * ((cfg.teacher_steps + 1) + 1 + 3)
+    jumps = [f"{ts[s['start']]}->{ts[s['edge']]}" for s in layout]
+    print(f"distill: {cfg.model}, k={cfg.segments} segments, lower edges {[ts[s['edge']] for s in layout]} "
+          f"(ShortFT jumps {jumps}); CFG {guidance} teacher, "
+          f"conditional-only student; rank {cfg.rank}: {sum(p.numel() for p in params):,} LoRA parameters "
+          f"(~{sum(p.numel() for p in params) * 4 / 2**20:.2f} MiB file); {cfg.segments} x {cfg.batch_size} rows "
+          f"per step, ~{calls:.0f} batched UNet passes per step; pool {len(pool)} trajectories "
+          f"({pool_seconds:.0f} s); work dir {work}")
+
+    elapsed = history[-1]["seconds"] if history else 0.0
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="distill", dynamic_ncols=True)
+    tick = time.time()
+    for step in bar:
+        if cfg.time_budget and elapsed >= cfg.time_budget:
+            print(f"distill: time budget of {cfg.time_budget:.0f} s reached at step {step}")
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+        loss, per_segment = tscd.loss(tscd.draw(rng, generator))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        ema_update(unet, cfg.ema)
+        now = time.time()
+        elapsed, tick = elapsed + now - tick, now
+        history.append({"step": step + 1, "loss": float(loss), "segments": per_segment, "seconds": elapsed})
+        bar.set_postfix(loss=f"{float(loss):.4g}", avg=f"{sum(h['loss'] for h in history[-50:]) / len(history[-50:]):.4g}")
+        if (step + 1) % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt, unet, optimizer, step + 1, history, cfg, rng, generator)
+            tick = time.time()  # checkpoint time is not training time
+    bar.close()
+    steps_done = history[-1]["step"] if history else 0
+    save_checkpoint(ckpt, unet, optimizer, steps_done, history, cfg, rng, generator)
+    out = lora.save_lora(unet, STUDENT, cfg.out)
+    log = {"config": asdict(cfg), "guidance": guidance, "steps_done": steps_done, "train_seconds": elapsed,
+           "pool_seconds": pool_seconds, "edges": [ts[s["edge"]] for s in layout], "history": history}
+    (work / "distill.json").write_text(json.dumps(log, indent=1))
+    print(f"distill: wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) after {steps_done} steps, "
+          f"{elapsed:.0f} s training + {pool_seconds:.0f} s teacher pool")
+    return out
+
+
+# --- fidelity ------------------------------------------------------------------------------------------------
+def shortcut_jump(backend, adapters: tuple[str, ...] = (STUDENT,), guidance: float = 1.0):
+    """The shortcut as ShortFT runs it: one DDIM jump from the adapters' ε̂ (conditional-only by default).
+    With adapters=() and the chain's CFG it is the naive one-step DDIM jump of the base model."""
+    from shortft.chain import Step, run_plan
+
+    def jump(x, t_from, t_to, cond, uncond):
+        return run_plan(backend, [Step(t_from, t_to, tuple(adapters), "none", guidance)], x, cond, uncond)
+    return jump
+
+
+def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int = 50, segments: int = 4,
+             guidance: float = 7.5, batch_size: int = 16) -> dict:
+    """Errors of `jump(x, t_from, t_to, cond, uncond) -> x'` against the 50-step CFG teacher, next to the
+    base model's naive DDIM jump with the same CFG: (a) one jump per segment, start -> lower edge;
+    (b) the k-jump sample from noise. RMSE in latent space; (b) also in pixels (images in [0, 1])."""
+    import torch
+
+    from shortft.chain import END
+    from shortft.sample import seeded_noise
+
+    ts = backend.timesteps(num_steps)
+    layout = segment_layout(ts, segments)
+    naive_jump = shortcut_jump(backend, adapters=(), guidance=guidance)
+    k_path = [0] + [s["edge"] for s in layout[:-1]]  # grid indices the k-step sampler visits
+    sq = {"jump": [[0.0, 0.0] for _ in layout], "k_latent": [0.0, 0.0], "k_pixel": [0.0, 0.0]}  # [shortcut, naive]
+    count = {"jump": 0, "latent": 0, "pixel": 0}
+    images = {"teacher": [], "shortcut": [], "naive": []}
+    for i in range(0, len(prompts), batch_size):
+        p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
+        cond, uncond = backend.encode_prompts(p), backend.encode_prompts([""] * len(p))
+        noise = seeded_noise(backend.latent_shape(len(p)), s).to(backend.device)
+        traj = teacher_trajectories(backend, ts, cond, uncond, noise, guidance)  # (B, S+1, C, h, w)
+        for j, seg in enumerate(layout):
+            x, ref = traj[:, seg["start"]], traj[:, seg["edge"]]
+            for w, f in enumerate((jump, naive_jump)):
+                sq["jump"][j][w] += float(((f(x, ts[seg["start"]], ts[seg["edge"]], cond, uncond) - ref) ** 2).sum())
+        count["jump"] += traj[:, 0].numel()
+        ref_img = backend.decode(traj[:, -1])
+        images["teacher"].append(ref_img.cpu())
+        for w, (name, f) in enumerate((("shortcut", jump), ("naive", naive_jump))):
+            x = noise
+            for a, b in zip(k_path, k_path[1:] + [None]):
+                x = f(x, ts[a], ts[b] if b is not None else END, cond, uncond)
+            img = backend.decode(x)
+            images[name].append(img.cpu())
+            sq["k_latent"][w] += float(((x - traj[:, -1]) ** 2).sum())
+            sq["k_pixel"][w] += float(((img - ref_img) ** 2).sum())
+        count["latent"] += traj[:, -1].numel()
+        count["pixel"] += ref_img.numel()
+
+    def row(pair, n):
+        a, b = math.sqrt(pair[0] / n), math.sqrt(pair[1] / n)
+        return {"shortcut_rmse": a, "naive_rmse": b, "ratio": a / b if b > 0 else float("nan")}
+
+    result = {
+        "segments": [{"from": ts[seg["start"]], "to": ts[seg["edge"]], **row(sq["jump"][j], count["jump"])}
+                     for j, seg in enumerate(layout)],
+        "k_step": {"timesteps": [ts[a] for a in k_path], "latent": row(sq["k_latent"], count["latent"]),
+                   "pixel": row(sq["k_pixel"], count["pixel"])},
+        "num_samples": len(prompts), "num_steps": num_steps, "guidance": guidance,
+    }
+    result["jump_ratio_max"] = max(r["ratio"] for r in result["segments"])
+    result["images"] = {k: torch.cat(v) for k, v in images.items()}  # removed before JSON
+    return result
+
+
+def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int = 32, segments: int = 4,
+                      num_steps: int = 50, guidance: float = 0.0, device: str = "", json_out: str = "",
+                      grid_out: str = "") -> dict:
+    """Load `model` and the shortcut file, run `fidelity` on held-out prompts and fresh noises, print a
+    table, and write JSON (and a grid: teacher 50-step / shortcut k-step / naive k-step rows)."""
+    import torch
+
+    from shortft import lora
+    from shortft.backends import SDBackend
+    from shortft.prompts import load_prompts
+
+    defaults = model_defaults(model)
+    guidance = guidance or defaults["guidance"]
+    backend = SDBackend.load(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lora.load_lora(backend.unet, shortcut, STUDENT)
+    names = load_prompts(prompts or defaults["eval_prompts"])
+    names = [names[i % len(names)] for i in range(count)]
+    t0 = time.time()
+    with torch.no_grad():
+        res = fidelity(backend, shortcut_jump(backend), names, [EVAL_SEED + i for i in range(count)], num_steps,
+                       segments, guidance)
+    images = res.pop("images")
+    res.update({"model": model, "shortcut": str(shortcut), "prompts": prompts or defaults["eval_prompts"],
+                "seconds": time.time() - t0})
+    print(format_table(res))
+    if json_out:
+        Path(json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_out).write_text(json.dumps(res, indent=1))
+    if grid_out:
+        from shortft.images import save_grid
+
+        n = min(8, count)
+        rows = torch.cat([images["teacher"][:n], images["shortcut"][:n], images["naive"][:n]])
+        save_grid(rows, grid_out, nrow=n, scale=2 if backend.image_size < 256 else 1)
+    return res
+
+
+def format_table(res: dict) -> str:
+    """The fidelity figures as a markdown table."""
+    lines = [f"fidelity vs the {res['num_steps']}-step CFG {res['guidance']} teacher, {res['num_samples']} samples",
+             "| jump | shortcut RMSE | naive DDIM RMSE | ratio (target <= 0.3) |", "|---|---|---|---|"]
+    for r in res["segments"]:
+        lines.append(f"| {r['from']}->{r['to']} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
+    k = res["k_step"]
+    lines += ["", f"| {len(k['timesteps'])}-step sample ({', '.join(map(str, k['timesteps']))}) | shortcut RMSE | "
+              "naive DDIM RMSE | ratio (target <= 0.5) |", "|---|---|---|---|"]
+    for space in ("latent", "pixel"):
+        r = k[space]
+        lines.append(f"| {space} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+# --- command line --------------------------------------------------------------------------------------------
+def add_distill(sub) -> None:
+    """Register `shortft distill` (train a shortcut) and `shortft distill --eval` (measure one)."""
+    p = sub.add_parser("distill", help="make a trajectory-preserving shortcut LoRA for a model (or --eval one)",
+                       description=__doc__.splitlines()[0])
+    helps = _field_comments(DistillConfig)
+    for f in fields(DistillConfig):
+        p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
+                       metavar="V", help=helps.get(f.name))
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work dir")
+    p.add_argument("--eval", action="store_true", help="measure the fidelity of --shortcut instead of training")
+    p.add_argument("--shortcut", default="", help="--eval: the shortcut LoRA file")
+    p.add_argument("--count", type=int, default=32, help="--eval: prompts x noises measured")
+    p.add_argument("--json", default="", help="--eval: write the figures here")
+    p.add_argument("--grid", default="", help="--eval: write teacher / shortcut / naive sample rows here")
+    p.set_defaults(func=run_distill)
+
+
+def run_distill(args) -> int:
+    if args.eval:
+        if not args.shortcut:
+            raise ValueError("--eval needs --shortcut FILE")
+        evaluate_shortcut(args.model, args.shortcut, args.prompts, args.count, args.segments, args.num_steps,
+                          args.guidance, args.device, args.json, args.grid)
+        return 0
+    cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
+    distill(cfg, fresh=args.fresh)
+    return 0
