@@ -1,0 +1,135 @@
+"""Quality of the world's assets: evaluator accuracy on real images, prompt fidelity of the model's
+samples on held-out and train prompts, and the CLIP scorer's ranking of correct over
+one-attribute-wrong captions. `shortft world eval` prints `format_table(evaluate(...))`."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from . import WORLD_CLIP, WORLD_MODEL
+from .evaluator import prompt_fidelity
+from .scenes import ATTRIBUTES, TEMPLATES, Scene, caption, prompt_split, render, sample_scenes
+
+
+def real_fidelity(n: int, seed: int = 0) -> dict[str, dict[str, float]]:
+    """Evaluator accuracy on n rendered images per split (captions cycle through the templates)."""
+    out = {}
+    for split in ("train", "heldout"):
+        scenes = sample_scenes(n, split, seed=seed + 12345)
+        out[split] = prompt_fidelity(render(scenes), [caption(s, i) for i, s in enumerate(scenes)])
+    return out
+
+
+def load_pipeline(model: Path | str | None = None):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        str(model or WORLD_MODEL), safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(pipe, prompts: list[str], steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
+             batch: int = 32) -> torch.Tensor:
+    """(N, 3, 64, 64) in [0, 1]; image i uses noise seeded by (seed, i) so results do not depend on batch."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i : i + batch]
+        gens = [torch.Generator().manual_seed(seed * 100_003 + i + j) for j in range(len(chunk))]
+        img = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg_scale, generator=gens, height=64, width=64,
+                   output_type="pt").images
+        out.append(img.float().clamp(0, 1))
+    return torch.cat(out)
+
+
+def model_fidelity(model=None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0) -> dict:
+    pipe = load_pipeline(model)
+    out = {}
+    for split in ("heldout", "train"):
+        prompts = prompt_split(split)
+        out[split] = prompt_fidelity(generate(pipe, prompts, steps, cfg_scale, seed), prompts)
+    t = time.time()
+    generate(pipe, prompt_split("heldout")[:8], steps, cfg_scale, seed, batch=8)
+    out["seconds_for_8_images"] = time.time() - t
+    return out
+
+
+@torch.no_grad()
+def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0) -> dict[str, float]:
+    """On n held-out rendered images: how often the CLIP score (exp(logit_scale) * cosine) of the
+    true caption beats every one-attribute-wrong caption (all alternatives, same template), overall
+    and per changed attribute; plus top-1 among [true + all of them]."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
+
+    from .pretrain import _ALTERNATIVES, MAX_TOKENS
+
+    path = str(clip or WORLD_CLIP)
+    model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).eval()
+    tok = CLIPTokenizer.from_pretrained(path)
+    proc = CLIPImageProcessor.from_pretrained(path)
+    mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
+    scenes = sample_scenes(n, "heldout", seed=seed + 777)
+    img = model.get_image_features(pixel_values=(render(scenes) - mean) / std)
+    img = torch.nn.functional.normalize(getattr(img, "pooler_output", img), dim=-1)
+    wins = {a: [] for a in ATTRIBUTES}
+    top1 = []
+    rng = random.Random(seed)
+    for i, s in enumerate(scenes):
+        k = rng.randrange(len(TEMPLATES))
+        texts, attrs = [caption(s, k)], [None]
+        for a in ATTRIBUTES:
+            for v in _ALTERNATIVES[a]:
+                if v != getattr(s, a):
+                    d = s.attributes()
+                    d[a] = v
+                    texts.append(caption(Scene(**d), k))
+                    attrs.append(a)
+        ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+        txt = model.get_text_features(input_ids=ids)
+        txt = torch.nn.functional.normalize(getattr(txt, "pooler_output", txt), dim=-1)
+        score = model.logit_scale.exp() * txt @ img[i]  # (1 + alternatives,)
+        for j in range(1, len(texts)):
+            wins[attrs[j]].append(float(score[0] > score[j]))
+        top1.append(float(score.argmax() == 0))
+    out = {a: sum(v) / len(v) for a, v in wins.items()}
+    out["pairwise"] = sum(sum(v) for v in wins.values()) / sum(len(v) for v in wins.values())
+    out["top1"] = sum(top1) / len(top1)
+    return out
+
+
+def evaluate(model=None, clip=None, n_real: int = 1000, cfg_scale: float = 5.0, steps: int = 50, seed: int = 0,
+             skip: set[str] = frozenset()) -> dict:
+    res: dict = {"settings": dict(n_real=n_real, cfg_scale=cfg_scale, steps=steps, seed=seed,
+                                  model=str(model or WORLD_MODEL), clip=str(clip or WORLD_CLIP))}
+    if "real" not in skip:
+        res["real"] = real_fidelity(n_real, seed)
+    if "model" not in skip:
+        res["model"] = model_fidelity(model, steps, cfg_scale, seed)
+    if "clip" not in skip:
+        res["clip_ranking_heldout"] = clip_ranking(clip, seed=seed)
+    return res
+
+
+def format_table(res: dict) -> str:
+    cols = list(ATTRIBUTES) + ["mean"]
+    lines = ["| images | split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for kind in ("real", "model"):
+        for split, acc in res.get(kind, {}).items():
+            if isinstance(acc, dict):
+                lines.append(f"| {kind} | {split} | " + " | ".join(f"{acc[c]:.3f}" for c in cols) + " |")
+    if "model" in res:
+        lines.append(f"\nmodel: 8 images, DDIM {res['settings']['steps']}, CFG {res['settings']['cfg_scale']}: "
+                     f"{res['model']['seconds_for_8_images']:.2f} s")
+    if "clip_ranking_heldout" in res:
+        r = res["clip_ranking_heldout"]
+        lines.append("CLIP ranking on held-out images (true caption > one-attribute-wrong): " + ", ".join(
+            f"{k} {v:.3f}" for k, v in r.items()))
+    return "\n".join(lines)
