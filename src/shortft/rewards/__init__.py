@@ -8,6 +8,11 @@ A reward is a callable `(images, prompts) -> scores`:
 `REWARDS` maps a name to a factory `factory(settings: RewardSettings) -> reward`. The CLI's
 `--reward` takes a registered name, a weighted sum (`pickscore=10,hpsv2=2`) or a plug-in
 `package.module:function` whose function is itself a reward.
+
+Built-in rewards (scales in docs/rewards.md): hpsv2, hpsv2.1 (x100), pickscore, world_clip
+(exp(logit_scale) * cosine), aesthetic (1-10), symmetry (-asymmetry), compressibility /
+incompressibility (-/+ estimated JPEG q95 kB). `settings.paths[name]` overrides where each finds its
+weights; errors about missing or wrong weights are `RewardWeightsError`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+
+from shortft.rewards.common import RewardWeightsError  # noqa: F401  (re-exported)
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
 
@@ -52,6 +59,10 @@ def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"reward images must have shape (B, 3, H, W), got {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
+    if not images.is_floating_point():
+        raise ValueError(f"reward images must be a float tensor in [0, 1], got {images.dtype}")
+    if not bool(torch.isfinite(images.detach()).all()):
+        raise ValueError("reward images contain NaN or inf")
     lo, hi = float(images.detach().min()), float(images.detach().max())
     if lo < -1e-3 or hi > 1 + 1e-3:
         raise ValueError(f"reward images must lie in [0, 1], got values in [{lo:.3f}, {hi:.3f}]")
@@ -101,9 +112,16 @@ class WeightedSum:
 
     def __init__(self, parts: list[tuple[str, float, Reward]]):
         self.parts = parts
+        self.name = ",".join(f"{n}={w:g}" for n, w, _ in parts)
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return sum(w * fn(images, prompts) for _, w, fn in self.parts)
+        scores: dict[int, torch.Tensor] = {}  # a model that appears twice (main + regulariser) runs once
+        total = 0
+        for _, w, fn in self.parts:
+            if id(fn) not in scores:
+                scores[id(fn)] = fn(images, prompts)
+            total = total + w * scores[id(fn)]
+        return total
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Each component's unweighted score, for logging."""
@@ -112,18 +130,56 @@ class WeightedSum:
 
 def build_reward(spec: str, settings: RewardSettings | None = None) -> Reward:
     """Build a reward from a name, a weighted sum `a=w1,b=w2` or a plug-in `package.module:function`."""
-    settings = settings or RewardSettings()
+    return _build(spec, settings or RewardSettings(), {})
+
+
+def _build(spec: str, settings: RewardSettings, cache: dict[str, Reward]) -> Reward:
+    """build_reward with a name -> built reward cache, so a model named twice is loaded once."""
     validate_reward_spec(spec)
-    parts = parse_reward_spec(spec)
     built = []
-    for name, w in parts:
-        fn = _load_plugin(name) if ":" in name else REWARDS[name](settings)
-        built.append((name, w, fn))
+    for name, w in parse_reward_spec(spec):
+        if name not in cache:
+            cache[name] = _load_plugin(name) if ":" in name else REWARDS[name](settings)
+        built.append((name, w, cache[name]))
     if len(built) == 1 and built[0][1] == 1.0:
         return built[0][2]
     return WeightedSum(built)
 
 
+# The paper's regulariser: HPS v2 and PickScore mixed 1:10 (replacing DRTune's CLIPScore), each in its
+# reported units (HPS x100 ~ 27, PickScore ~ 20), added to the main reward with weight lambda.
+REGULARISER = (("hpsv2", 1.0), ("pickscore", 10.0))
+
+
+def build_regularised_reward(main: str | Reward, lam: float, settings: RewardSettings | None = None,
+                             mix: tuple[tuple[str, float], ...] = REGULARISER) -> Reward:
+    """main + lam * (1 * hpsv2 + 10 * pickscore), as one WeightedSum.
+
+    `main` is a spec string or an already built reward; components it already holds (a WeightedSum
+    part, or a reward object whose `.name` is hpsv2 / pickscore) are reused, not loaded again."""
+    settings = settings or RewardSettings()
+    _import_builtin_rewards()
+    if lam < 0:
+        raise ValueError(f"regulariser weight must be >= 0, got {lam}")
+    cache: dict[str, Reward] = {}
+    if isinstance(main, str):
+        main = _build(main, settings, cache)
+    if isinstance(main, WeightedSum):
+        parts = list(main.parts)
+        cache.update({n: fn for n, _, fn in parts})
+    else:
+        name = getattr(main, "name", None) or "main"
+        parts = [(name, 1.0, main)]
+        cache[name] = main
+    if lam == 0:
+        return main
+    for name, w in mix:
+        if name not in cache:
+            cache[name] = REWARDS[name](settings)
+        parts.append((f"reg:{name}", lam * w, cache[name]))
+    return WeightedSum(parts)
+
+
 def _import_builtin_rewards() -> None:
     """Import the modules that register the built-in rewards (heavy imports stay inside factories)."""
-    from shortft.rewards import symmetry  # noqa: F401
+    from shortft.rewards import aesthetic, clip_pref, hps, jpeg, symmetry  # noqa: F401
