@@ -81,14 +81,16 @@ def test_loss_falls_and_only_the_shortcut_trains(tiny):
             assert torch.equal(p, base[n]), n  # base UNet untouched
 
 
-def test_target_reaching_the_edge_is_the_teacher_trajectory(tiny):
-    """With m up to the edge the target is the CFG teacher's own trajectory point, no bridge involved."""
+def test_live_teacher_lands_on_the_stored_trajectory(tiny):
+    """With m up to the edge the target is the CFG teacher's own trajectory point (no bridge), and the live
+    teacher (re-noised rows) computes exactly what the pool caches for on-trajectory rows."""
     _, tscd = _tscd(tiny, noised_fraction=0.0)
     g = tscd.draw(random.Random(1), torch.Generator().manual_seed(1))[1]
     g["m"] = g["edge"] - g["n"]
-    x = tscd.x_t(g)
+    x = tscd.x_t(g)  # on-trajectory states
     cond = tscd.contexts[tscd.pool_prompts[g["rows"]]]
-    torch.testing.assert_close(tscd.target(x, g, cond), tscd.pool[g["rows"], g["edge"]], atol=1e-5, rtol=1e-5)
+    live = {**g, "noised": torch.ones_like(g["noised"])}  # force the live teacher from the same states
+    torch.testing.assert_close(tscd.target(x, live, cond), tscd.pool[g["rows"], g["edge"]], atol=1e-5, rtol=1e-5)
 
 
 def _stock(b: SDBackend) -> StableDiffusionPipeline:
@@ -97,10 +99,11 @@ def _stock(b: SDBackend) -> StableDiffusionPipeline:
                                    feature_extractor=None, requires_safety_checker=False)
 
 
-def test_cli_writes_a_shortcut_that_loads_both_ways_and_resumes(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("targets", ["attn_ff", "all"])
+def test_cli_writes_a_shortcut_that_loads_both_ways_and_resumes(tiny, tmp_path, capsys, targets):
     out, work = tmp_path / "sc.safetensors", tmp_path / "work"
     args = ["distill", "--model", tiny["model"], "--prompts", tiny["prompts"], "--out", str(out),
-            "--work-dir", str(work), "--steps", "2", "--checkpoint-every", "1", "--lr", "5e-2",
+            "--work-dir", str(work), "--steps", "2", "--checkpoint-every", "1", "--lr", "5e-2", "--targets", targets,
             *[a for k, v in SMALL.items() for a in (f"--{k.replace('_', '-')}", str(v))]]
     assert main(args) == 0
     assert out.is_file() and (work / "checkpoint.pt").is_file()

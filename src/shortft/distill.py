@@ -14,16 +14,19 @@ parametrisation ShortFT uses: one DDIM jump from its ε̂ straight to the segmen
     f_θ(x_t, t) = √ᾱ_e x̂0 + √(1-ᾱ_e) ε̂,   x̂0 = (x_t - √(1-ᾱ_t) ε̂) / √ᾱ_t,   ε̂ = ε_θ(x_t, t, c).
 At t = e the jump is the identity, so the consistency boundary condition holds by construction.
 
-Target. The frozen teacher (base weights, no gradient) runs m ∈ [1, teacher_steps] DDIM steps of the
-grid from t toward the edge; if it has not reached the edge, an EMA copy of the student (adapter
+Target. The frozen teacher (base weights, CFG, no gradient) runs m ∈ [1, teacher_steps] DDIM steps of
+the grid from t toward the edge; if it has not reached the edge, an EMA copy of the student (adapter
 "shortcut_ema"; ema = 0 gives the stop-gradient student) bridges the remainder in one jump. Loss: MSE
-between the student's landing point and the target, in latent space at the edge (what ShortFT consumes).
+between the student's landing point and the target, in latent space at the edge (what ShortFT consumes),
+divided per segment by the MSE of the naive one-step CFG jump over that segment, so that the high-noise
+segments (errors ~10x larger) do not drown the others and the loss reads as (error / naive error)^2.
 
 Where x_t comes from: the teacher's own trajectories, no dataset. Before training, `pool` trajectories
 are sampled from noise with the teacher and stored at every grid timestep. A row of a batch is either a
-point on a stored trajectory (exactly the states ShortFT's base chain visits) or, with probability
-`noised_fraction`, a stored clean sample re-noised with fresh noise (off-trajectory states, which
-ShortFT's fine-tuned LoRAs also produce). Either way the teacher runs live from x_t.
+point on a stored trajectory (exactly the states ShortFT's base chain visits; the teacher's m steps from
+it are then read from the pool, where they were computed) or, with probability `noised_fraction`, a
+stored clean sample re-noised with fresh noise (off-trajectory states, which ShortFT's fine-tuned LoRAs
+also produce; the teacher runs live from them).
 
 Guidance. ShortFT runs its original chain with CFG (`guidance`: 5 on the world model, 7.5 on SD 1.5)
 and the shortcut conditional-only (`shortcut_guidance` = 1). So the teacher here is the CFG teacher
@@ -66,7 +69,8 @@ class DistillConfig:
     steps: int = 2000  # optimiser steps
     batch_size: int = 8  # rows per segment per step (every step trains all k segments)
     lr: float = 1e-3  # AdamW learning rate (constant after a short warm-up)
-    rank: int = 8  # LoRA rank on attention + feed-forward layers (file size grows linearly)
+    rank: int = 8  # LoRA rank (file size grows linearly)
+    targets: str = "attn_ff"  # LoRA layers: attn_ff (attention + feed-forward, as Hyper-SD) or all (+ resnets, proj)
     guidance: float = 0.0  # teacher CFG; 0 = the model's ShortFT default (world 5, other models 7.5)
     prompts: str = ""  # prompt set or file; "" = world-train on the world model, simple-animals otherwise
     teacher_steps: int = 4  # m is drawn from 1..teacher_steps: teacher DDIM steps before the EMA bridges
@@ -86,6 +90,9 @@ class DistillConfig:
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads"}
 DTYPES = ("fp32", "fp16", "bf16")
+_ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # = shortft.lora.ATTN_FF_TARGETS
+TARGETS = {"attn_ff": _ATTN_FF,  # the CFG-free student must also learn what guidance adds: "all" gives it more room
+           "all": _ATTN_FF + ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")}
 
 
 def _field_comments(cls) -> dict[str, str]:
@@ -173,6 +180,26 @@ class TSCD:
         self.b, self.ts, self.layout, self.cfg, self.guidance = backend, timesteps, layout, cfg, guidance
         self.contexts, self.uncond, self.pool, self.pool_prompts = contexts, uncond, pool, pool_prompts
         self.bridge = EMA if cfg.ema > 0 else STUDENT  # ema = 0: the stop-gradient student bridges
+        self.naive_mse = self.naive_errors()  # per segment: the loss is measured relative to these
+
+    def naive_errors(self, rows: int = 64) -> list[float]:
+        """Per segment, the MSE of the base model's naive one-step CFG jump from the segment's start to its
+        edge on pool trajectories. Dividing by it puts the segments on one scale (the far-from-data
+        segments' errors are far larger) and makes the loss read as (error / naive error)^2."""
+        import torch
+
+        from shortft.chain import Step, run_plan
+
+        traj = self.pool[:rows].to(self.b.device)
+        cond = self.contexts[self.pool_prompts[:rows]].to(self.b.device)
+        out = []
+        with torch.no_grad():
+            for seg in self.layout:
+                s, e = seg["start"], seg["edge"]
+                y = run_plan(self.b, [Step(self.ts[s], self.ts[e], (), "none", self.guidance)], traj[:, s], cond,
+                             self.uncond.expand(len(traj), -1, -1))
+                out.append(max(float(((y - traj[:, e]) ** 2).mean()), 1e-12))
+        return out
 
     def draw(self, rng: random.Random, generator: torch.Generator) -> list[dict]:
         """One group of rows per segment: a grid index n, teacher steps m, pool rows, fresh noise."""
@@ -199,19 +226,22 @@ class TSCD:
 
     def target(self, x: torch.Tensor, g: dict, cond: torch.Tensor) -> torch.Tensor:
         """Teacher m CFG steps from n toward the edge, then the bridge's jump for the rest (if any);
-        no graph: every step has grad="none"."""
+        no graph: every step has grad="none". On-trajectory rows read the teacher's m steps from the
+        pool (it already ran exactly these steps from exactly this x_t); re-noised rows run them live."""
         from shortft.chain import Step, run_plan
 
-        n, m, e, ts = g["n"], g["m"], g["edge"], self.ts
-        uncond = self.uncond.expand(len(x), -1, -1)
-        y = run_plan(self.b, [Step(ts[i], ts[i + 1], (), "none", self.guidance) for i in range(n, n + m)],
-                     x, cond, uncond)
+        n, m, e, ts, live = g["n"], g["m"], g["edge"], self.ts, g["noised"]
+        y = self.pool[g["rows"], n + m].to(self.b.device)  # (B, C, h, w)
+        if live.any():
+            y[live] = run_plan(self.b, [Step(ts[i], ts[i + 1], (), "none", self.guidance) for i in range(n, n + m)],
+                               x[live], cond[live], self.uncond.expand(int(live.sum()), -1, -1))
         if n + m < e:
             y = run_plan(self.b, [Step(ts[n + m], ts[e], (self.bridge,), "none", 1.0)], y, cond)
         return y
 
     def loss(self, groups: list[dict]) -> tuple[torch.Tensor, list[float]]:
-        """Mean over segments of the MSE between the student's jump to the edge and the target."""
+        """Mean over segments of the MSE between the student's jump to the edge and the target, each
+        relative to the segment's naive-jump MSE (so ~ (error / naive error)^2)."""
         import torch
 
         from shortft.chain import Step, run_plan
@@ -222,7 +252,7 @@ class TSCD:
             cond = self.contexts[self.pool_prompts[g["rows"]]].to(self.b.device)
             target = self.target(x, g, cond)
             pred = run_plan(self.b, [Step(self.ts[g["n"]], self.ts[g["edge"]], (STUDENT,), "full", 1.0)], x, cond)
-            losses.append(torch.nn.functional.mse_loss(pred, target))
+            losses.append(torch.nn.functional.mse_loss(pred, target) / self.naive_mse[len(losses)])
         return torch.stack(losses).mean(), [float(v.detach()) for v in losses]
 
 
@@ -289,6 +319,8 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
 
     if not cfg.out:
         raise ValueError("distill needs --out FILE.safetensors")
+    if cfg.targets not in TARGETS:
+        raise ValueError(f"targets {cfg.targets!r} not in {list(TARGETS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r} not in {list(DTYPES)}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
@@ -310,8 +342,9 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     contexts = torch.cat([backend.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]).cpu()
     uncond = backend.encode_prompts([""])  # (1, L, D)
     unet = backend.unet
-    lora.add_lora(unet, STUDENT, cfg.rank)
-    lora.add_lora(unet, EMA, cfg.rank)
+    targets = TARGETS[cfg.targets]
+    lora.add_lora(unet, STUDENT, cfg.rank, targets=targets)
+    lora.add_lora(unet, EMA, cfg.rank, targets=targets)
     student = dict(_adapter_named(unet, STUDENT))
     for key, p in _adapter_named(unet, EMA):  # the EMA starts as a copy of the student
         p.data.copy_(student[key].data)
@@ -325,11 +358,15 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
         step, history = load_checkpoint(ckpt, unet, optimizer, cfg, rng, generator)
         print(f"distill: resuming {ckpt} at step {step}")
     t0 = time.time()
-    if pool_file.is_file() and not fresh and step > 0:
-        pool, pool_prompts = torch.load(pool_file, map_location="cpu").values()
+    # the pool depends on these only: a rerun with another lr, rank, ... reuses it
+    pool_key = {"model": cfg.model, "prompts": prompts, "pool": cfg.pool, "num_steps": cfg.num_steps,
+                "guidance": guidance, "seed": cfg.seed}
+    saved = torch.load(pool_file, map_location="cpu", weights_only=False) if pool_file.is_file() else {}
+    if saved.get("key") == pool_key:
+        pool, pool_prompts = saved["pool"], saved["prompts"]
     else:
         pool, pool_prompts = build_pool(backend, ts, contexts.to(backend.device), uncond, cfg, guidance)
-        _atomic_save({"pool": pool, "prompts": pool_prompts}, pool_file)
+        _atomic_save({"key": pool_key, "pool": pool, "prompts": pool_prompts}, pool_file)
     pool_seconds = time.time() - t0
     tscd = TSCD(backend, ts, layout, contexts, uncond, pool, pool_prompts, cfg, guidance)
 
@@ -360,8 +397,9 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
         ema_update(unet, cfg.ema)
         now = time.time()
         elapsed, tick = elapsed + now - tick, now
-        history.append({"step": step + 1, "loss": float(loss), "segments": per_segment, "seconds": elapsed})
-        bar.set_postfix(loss=f"{float(loss):.4g}", avg=f"{sum(h['loss'] for h in history[-50:]) / len(history[-50:]):.4g}")
+        history.append({"step": step + 1, "loss": loss.item(), "segments": per_segment, "seconds": elapsed})
+        recent = [h["loss"] for h in history[-50:]]
+        bar.set_postfix(loss=f"{loss.item():.4g}", avg50=f"{sum(recent) / len(recent):.4g}")
         if (step + 1) % cfg.checkpoint_every == 0:
             save_checkpoint(ckpt, unet, optimizer, step + 1, history, cfg, rng, generator)
             tick = time.time()  # checkpoint time is not training time
@@ -372,9 +410,35 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     log = {"config": asdict(cfg), "guidance": guidance, "steps_done": steps_done, "train_seconds": elapsed,
            "pool_seconds": pool_seconds, "edges": [ts[s["edge"]] for s in layout], "history": history}
     (work / "distill.json").write_text(json.dumps(log, indent=1))
+    if history:
+        plot_loss(history, [f"{ts[s['start']]}->{ts[s['edge']]}" for s in layout], work / "loss.png")
     print(f"distill: wrote {out} ({out.stat().st_size / 2**20:.2f} MiB) after {steps_done} steps, "
           f"{elapsed:.0f} s training + {pool_seconds:.0f} s teacher pool")
     return out
+
+
+def plot_loss(history: list[dict], labels: list[str], path: Path) -> Path:
+    """Per-segment relative loss, (error / naive error)^2, smoothed over 5% of the run, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    w = max(1, len(history) // 20)
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for j, label in enumerate(labels):
+        v = [h["segments"][j] for h in history]
+        ax.plot(steps, [sum(v[max(0, i - w + 1): i + 1]) / len(v[max(0, i - w + 1): i + 1]) for i in range(len(v))],
+                label=f"segment {label}")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("(error / naive error)$^2$")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 # --- fidelity ------------------------------------------------------------------------------------------------
