@@ -70,7 +70,7 @@ def run_sample(args) -> int:
 
 
 # Each entry adds one subcommand; modules register themselves with a `register(subparsers)` function.
-COMMANDS = [add_train, add_sample, __import__("shortft.distill").distill.add_distill]
+COMMANDS = [add_train, add_sample, __import__("shortft.distill").distill.add_distill, __import__("shortft.bench").bench.register]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,156 @@
+"""`shortft bench`: the paper's tables, measured side by side in one run.
+
+    shortft bench efficiency [--model M]    UNet calls, graph calls, s/it, peak memory, gradient norms,
+                                            framework overhead -> docs/efficiency.md
+    shortft bench compare [--quick|--full]  every method x reward x seed at an equal wall-clock budget
+                                            and an equal UNet-call budget, held-out metrics, ablations,
+                                            Table 2's shape, plots -> docs/RESULTS.md
+
+Every measured configuration runs in its own subprocess (`python -m shortft.bench WORKER spec.json`):
+peak RSS (ru_maxrss) only ever grows inside a process, and one run's allocator or thread state must not
+leak into the next one's timing. The parent process only plans, collects JSON and writes reports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+# Models the benchmark can build on the spot (random weights; no download). "world" is the shipped model.
+SYNTHETIC = {  # name -> make_tiny_model kwargs
+    "tiny": dict(channels=(16, 32), text_dim=32, sample_size=8),  # the test model: seconds per run
+    "small": dict(channels=(64, 128), text_dim=64, sample_size=16),  # a small UNet where UNet calls dominate
+}
+
+
+@dataclass
+class ModelSpec:
+    """What a benchmark trains: model folder (or "world"), shortcut LoRA file, prompt sets."""
+
+    model: str  # "world" or a diffusers folder
+    shortcut: str  # shortcut LoRA file ("" = the world's shipped one)
+    prompts: str  # training prompt set
+    eval_prompts: str  # held-out prompt set
+    label: str  # how reports name it
+    preset: str | None = "world"  # config preset the runs start from (None: the config's default for the model)
+
+
+def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
+    """Resolve `name`: "world" (the embedded model), "tiny"/"small" (random-weight SD-format models built
+    into `cache` with a random shortcut LoRA standing in for a distilled one), or a diffusers folder
+    (then `shortcut` must name its shortcut LoRA)."""
+    from shortft.testing import make_tiny_lora, make_tiny_model
+
+    if name == "world":
+        from shortft.world import WORLD_MODEL, WORLD_SHORTCUT
+
+        if not (WORLD_MODEL / "unet").is_dir():
+            raise FileNotFoundError(f"the embedded world model is missing at {WORLD_MODEL}; use --model small")
+        if not shortcut and not WORLD_SHORTCUT.is_file():
+            raise FileNotFoundError(f"the world's shortcut is missing at {WORLD_SHORTCUT}; pass --shortcut FILE")
+        return ModelSpec("world", shortcut or str(WORLD_SHORTCUT), "world-train", "world-heldout", "world")
+    if name in SYNTHETIC:
+        folder = cache / f"model-{name}"
+        if not (folder / "unet").is_dir():
+            make_tiny_model(folder, seed=0, **SYNTHETIC[name])
+        sc = folder / "shortcut.safetensors"
+        if not sc.is_file():
+            make_tiny_lora(folder, sc, rank=4, seed=1, scale=0.1)
+        prompts = folder / "prompts.txt"
+        prompts.write_text("\n".join(SYNTHETIC_PROMPTS) + "\n")
+        return ModelSpec(str(folder), shortcut or str(sc), str(prompts), str(prompts),
+                         f"{name} (random weights, {SYNTHETIC[name]})")
+    if not (Path(name) / "unet").is_dir():
+        raise FileNotFoundError(f"--model {name!r}: not 'world', one of {', '.join(SYNTHETIC)}, "
+                                "nor a diffusers folder with unet/")
+    if not shortcut:
+        raise ValueError(f"--model {name!r} needs --shortcut (a shortcut LoRA file for that model)")
+    return ModelSpec(name, shortcut, "simple-animals", "simple-animals", name, preset=None)
+
+
+SYNTHETIC_PROMPTS = ["a red circle on the left", "a blue square at the top", "a small green triangle",
+                     "a large yellow circle", "a purple square on the right", "a green circle at the bottom"]
+
+
+def chain_scaled(num_steps: int) -> dict:
+    """Method settings given in steps of a 50-step chain (DRTune's M and K, ReFL's window), scaled to a
+    shorter chain so that every method still fits; {} at 50 steps (the defaults are used as they are)."""
+    if num_steps == 50:
+        return {}
+    window = max(1, round(10 * num_steps / 50))
+    return {"drtune_m": window, "drtune_k": min(5, num_steps - window + 1), "refl_window": window}
+
+
+# --- subprocess workers --------------------------------------------------------------------------------------
+def run_worker(worker: str, spec: dict, workdir: Path, timeout: float | None = None) -> dict:
+    """Run `worker` (a name in shortft.bench.__main__.WORKERS) on `spec` in a fresh Python process and
+    return its JSON result. The worker's output goes to a log file beside the result."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    tag = f"{worker}-{spec.get('tag', 'x')}"
+    spec_file, out_file, log_file = workdir / f"{tag}.spec.json", workdir / f"{tag}.json", workdir / f"{tag}.log"
+    spec_file.write_text(json.dumps(spec, indent=1))
+    out_file.unlink(missing_ok=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+    with open(log_file, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "shortft.bench", worker, str(spec_file), str(out_file)],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    if proc.returncode != 0 or not out_file.is_file():
+        tail = "".join(log_file.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"bench worker {worker} ({tag}) failed with status {proc.returncode}; "
+                           f"log {log_file}:\n{tail}")
+    return json.loads(out_file.read_text())
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads (the machine is shared: oversubscription makes timings meaningless)."""
+    import torch
+
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+def machine() -> str:
+    """One line naming the machine the numbers come from."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} logical CPU(s), {gpu}; Python {platform.python_version()}, "
+            f"torch {torch.__version__}, {platform.system()} {platform.release()}")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else 0.5 * (xs[mid - 1] + xs[mid])
+
+
+# --- command line --------------------------------------------------------------------------------------------
+def register(sub) -> None:
+    """Add `shortft bench efficiency|compare` to the CLI's subparsers."""
+    p = sub.add_parser("bench", help="benchmarks: per-method efficiency, equal-budget method comparison",
+                       description=__doc__.splitlines()[0])
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
+    from shortft.bench import compare, efficiency
+
+    efficiency.add_parser(bsub)
+    compare.add_parser(bsub)
