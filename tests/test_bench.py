@@ -35,13 +35,13 @@ def common(tiny):
 def compare_results(common, tmp_path_factory):
     """Every variant at an equal UNet-call budget, one at a tiny time budget, and the base row."""
     root = tmp_path_factory.mktemp("bench")
-    budget = 2 * NUM_STEPS + 1  # forces at least two iterations for every method
+    budget = NUM_STEPS + 1  # one or two iterations of every method
     runs = [{"variant": "base", "reward": "-", "seed": 0, "kind": "-", "budget": 0}]
     runs += [{"variant": v, "reward": "symmetry", "seed": 0, "kind": "calls", "budget": budget,
               "run_dir": str(root / f"{v}-calls")} for v in compare.VARIANTS]
     runs += [{"variant": "shortft", "reward": "symmetry", "seed": 0, "kind": "time", "budget": 0.01,
               "run_dir": str(root / "shortft-time")}]
-    results = compare.worker_group({"common": common, "runs": runs, "rewards": ["symmetry"], "eval_n": 2,
+    results = compare.worker_group({"common": common, "runs": runs, "rewards": ["symmetry"], "eval_n": 1,
                                     "threads": 1, "preset": "world"})
     return results, budget, root
 
@@ -52,8 +52,8 @@ def test_every_method_trains_within_one_iteration_of_the_call_budget(compare_res
     assert {r["variant"] for r in trained} == set(compare.VARIANTS)
     for r in trained:
         h = r["history"]
-        assert len(h) >= 2, r["variant"]
-        last_iter = h[-1]["unet_calls"] - h[-2]["unet_calls"]
+        assert 1 <= len(h) <= 3, r["variant"]
+        last_iter = h[-1]["unet_calls"] - (h[-2]["unet_calls"] if len(h) > 1 else 0)
         # the run stops at the first step that starts at or over the budget
         assert h[-1]["unet_calls"] >= budget, r["variant"]
         assert h[-1]["unet_calls"] - last_iter < budget, r["variant"]
@@ -79,7 +79,7 @@ def test_held_out_metrics_of_every_run(compare_results):
 def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
     results, budget, root = compare_results
     s = dict(compare.PRESETS["quick"], variants=list(compare.VARIANTS), seeds=1, time_budget=0.01,
-             call_budget=budget, budgets=["calls", "time"], rewards=["symmetry"], eval_n=2)
+             call_budget=budget, budgets=["calls", "time"], rewards=["symmetry"], eval_n=1)
     figs = compare.plots(results, ["symmetry"], s, tmp_path / "figures")
     assert len(figs) == 2 and all(p.is_file() and p.stat().st_size > 1000 for p in figs.values())
     spec = ModelSpec(tiny["model"], tiny["shortcut"], tiny["prompts"], tiny["prompts"], "tiny")

@@ -25,7 +25,7 @@ from pathlib import Path
 # Models the benchmark can build on the spot (random weights; no download). "world" is the shipped model.
 SYNTHETIC = {  # name -> make_tiny_model kwargs
     "tiny": dict(channels=(16, 32), text_dim=32, sample_size=8),  # the test model: seconds per run
-    "small": dict(channels=(64, 128), text_dim=64, sample_size=16),  # a small UNet where UNet calls dominate
+    "small": dict(channels=(32, 64), text_dim=64, sample_size=16),  # a small UNet where UNet calls dominate
 }
 
 

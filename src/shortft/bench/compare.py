@@ -13,7 +13,6 @@ so drifting machine load hits every method alike and one process's warm-up is pa
 
 from __future__ import annotations
 
-import io
 import json
 import shlex
 import sys
@@ -51,22 +50,11 @@ PRESETS = {
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------
-def jpeg_kb(images) -> list[float]:
-    """JPEG size in kB at quality 95 (DDPO's compressibility metric; lower = more compressible)."""
-    from shortft.images import to_pil
-
-    out = []
-    for img in images:
-        buf = io.BytesIO()
-        to_pil(img).save(buf, format="JPEG", quality=95)
-        out.append(buf.tell() / 1000)
-    return out
-
-
 def score_images(images, prompts: list[str], rewards: dict, world: bool) -> dict:
     """Every held-out metric of one set of images (means over images)."""
     import torch
 
+    from shortft.rewards.jpeg import jpeg_size_kb
     from shortft.rewards.symmetry import asymmetry
 
     out = {}
@@ -74,7 +62,7 @@ def score_images(images, prompts: list[str], rewards: dict, world: bool) -> dict
         for name, fn in rewards.items():
             out[f"reward:{name}"] = float(fn(images, prompts).float().mean())
     out["asymmetry"] = float(asymmetry(images).mean())
-    out["jpeg_kb"] = sum(jpeg_kb(images)) / len(images)
+    out["jpeg_kb"] = float(jpeg_size_kb(images).float().mean())  # the real PIL file size, quality 95
     if world:
         from shortft.world.evaluator import prompt_fidelity
 
@@ -217,7 +205,7 @@ def add_parser(bsub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch's default); 1 avoids "
                    "oversubscription stalls on a shared machine")
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown report (figures go beside it)")
-    p.add_argument("--workdir", default="bench-runs/compare", help="run folders, logs, raw JSON")
+    p.add_argument("--workdir", default="runs/bench/compare", help="run folders, logs, raw JSON")
     p.set_defaults(func=run, preset=None)
 
 
@@ -391,10 +379,13 @@ def verdicts(results: list[dict], rewards: list[str], s: dict) -> list[str]:
             return None
         (ma, da), (mb, db) = sa[key], sb[key]
         d = ma - mb
+        if d == 0:
+            return f"neither ({pm(sa[key])} both)"
+        win, lose = (a, b) if d > 0 else (b, a)
+        sw, sl = (sa, sb) if d > 0 else (sb, sa)
         clear = abs(d) > max(da, db)
-        win = a if d > 0 else b
-        return f"{win} ({pm(sa[key]) if win == a else pm(sb[key])} vs {pm(sb[key]) if win == a else pm(sa[key])})" \
-               + ("" if clear else " — within the seed spread")
+        return (f"{win} by {abs(d):.3g} ({pm(sw[key])} vs {lose} {pm(sl[key])})"
+                + ("" if clear else "; within the seed spread (difference <= the larger std)"))
 
     for kind in s["budgets"]:
         budget = s["time_budget"] if kind == "time" else s["call_budget"]

@@ -280,7 +280,7 @@ def add_parser(bsub) -> None:
     p.add_argument("--reward", default="symmetry", help="reward used for the iterations (cheap by default)")
     p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
     p.add_argument("--out", default="docs/efficiency.md", help="markdown report to write")
-    p.add_argument("--workdir", default="bench-runs/efficiency", help="worker specs, logs and raw JSON")
+    p.add_argument("--workdir", default="runs/bench/efficiency", help="worker specs, logs and raw JSON")
     p.set_defaults(func=run)
 
 
