@@ -34,8 +34,8 @@ from shortft.rewards.common import (
 
 AESTHETIC_MLP = "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth"
 AESTHETIC_CLIP = "openai/clip-vit-large-patch14"
-MLP_SOURCE = ("sac+logos+ava1-l14-linearMSE.pth from https://github.com/christophschuhmann/"
-              "improved-aesthetic-predictor")
+MLP_SOURCE = ("the LAION aesthetic MLP sac+logos+ava1-l14-linearMSE.pth (github.com/christophschuhmann/"
+              "improved-aesthetic-predictor; TRL's copy of it is aesthetic-model.pth)")
 
 
 class AestheticMLP(nn.Module):

@@ -26,14 +26,14 @@ REWARD_NAMES = ("hpsv2", "hpsv2.1", "pickscore", "aesthetic", "world_clip", "sym
 
 def _random_clip(vision: dict, text: dict, projection_dim: int, image_cfg: dict, name: str):
     """A random-weight transformers CLIPModel of the given size in a CLIPPreference wrapper."""
+    import tempfile
+    from pathlib import Path
+
     from transformers import CLIPConfig, CLIPModel
 
     from shortft.rewards.clip_pref import CLIPPreference
     from shortft.rewards.common import freeze
     from shortft.rewards.testing import _byte_tokenizer
-
-    import tempfile
-    from pathlib import Path
 
     cfg = CLIPConfig(text_config=dict(text, bos_token_id=512, eos_token_id=513, pad_token_id=513),
                      vision_config=vision, projection_dim=projection_dim)

@@ -78,11 +78,11 @@ class CLIPPreference:
              dtype=torch.float32, name: str = "clip"):
         """Weights from `model_path` (folder or hub id); tokenizer and image settings from
         `processor_path` (default: the model folder)."""
-        from transformers import AutoTokenizer
-
         folder = resolve_folder(str(model_path), name, f"the CLIPModel {model_path}")
         proc = folder if processor_path is None else resolve_folder(str(processor_path), name,
                                                                      f"the CLIP processor {processor_path}")
+        from transformers import AutoTokenizer  # after the folder checks: a missing folder fails fast
+
         model = freeze(load_clip_model(folder, name, dtype).to(device))
         try:
             tok = AutoTokenizer.from_pretrained(proc)

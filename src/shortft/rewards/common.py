@@ -3,8 +3,12 @@ the differentiable CLIP preprocessing that stands in for the authors' PIL transf
 
 from __future__ import annotations
 
+import functools
+import os
+import socket
 from collections.abc import Sequence
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +20,20 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 class RewardWeightsError(RuntimeError):
     """A reward's weights are missing, unreachable or not what they claim to be."""
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """True unless offline mode is set or the hub's host does not resolve (fail fast instead of
+    huggingface_hub's retries with backoff)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return True
+    except OSError:
+        return False
 
 
 def _looks_local(spec: str) -> bool:
@@ -41,11 +59,11 @@ def resolve_file(spec: str, reward: str, what: str) -> Path:
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(repo, filename))
+        return Path(hf_hub_download(repo, filename, local_files_only=not hub_reachable()))
     except Exception as err:  # offline, gated, missing: all end the same way for the user
         raise RewardWeightsError(
             f"reward {reward!r}: cannot get {filename!r} from the hub repo {repo!r} ({type(err).__name__}). "
-            f"Download {what} (https://huggingface.co/{repo}/blob/main/{filename}) and pass it with "
+            f"Download {what} (on the hub: https://huggingface.co/{repo}/blob/main/{filename}) and pass it with "
             f"--reward_paths {reward}=/path/to/{Path(filename).name}") from err
 
 
@@ -60,7 +78,8 @@ def resolve_folder(spec: str, reward: str, what: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"])
+        return snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+                                 local_files_only=not hub_reachable())
     except Exception as err:
         raise RewardWeightsError(
             f"reward {reward!r}: cannot fetch {spec!r} from the hub ({type(err).__name__}). Download {what} "

@@ -50,10 +50,10 @@ class HPSReward:
     @classmethod
     def load(cls, path: str | Path, arch: str = HPS_ARCH, device="cpu", dtype=torch.float32, name: str = "hpsv2"):
         """open_clip `arch` with random init, then the HPS state dict loaded strictly (weights_only)."""
-        import open_clip
-
         file = resolve_file(str(path), name, f"the HPS checkpoint {Path(str(path)).name}")
         state = load_state_dict_file(file, name)
+        import open_clip  # after the file checks: a missing file fails fast
+
         model = open_clip.create_model(arch, pretrained=None, device="cpu")
         load_strict(model, state, name, file)
         model = freeze(model.to(device=device, dtype=dtype))

@@ -178,3 +178,22 @@ def build_compressibility(settings: RewardSettings):
 @register("incompressibility")
 def build_incompressibility(settings: RewardSettings):
     return incompressibility_reward
+
+
+def rank_check(n: int = 240, sizes: tuple[int, ...] = (64, 128, 256, 512), seed: int = 0) -> list[dict]:
+    """Spearman and mean |estimate - real| (kB) of the surrogate on `procedural_images` at each size."""
+    rows = []
+    for size in sizes:
+        x = procedural_images(n, size, seed=seed)
+        real, est = jpeg_size_kb(x), jpeg_size_surrogate(x)
+        rows.append({"images": n, "size": size, "spearman": spearman(est, real),
+                     "real_kb": f"{float(real.min()):.2f}-{float(real.max()):.2f}",
+                     "mean_abs_err_kb": float((est - real).abs().mean())})
+    return rows
+
+
+if __name__ == "__main__":  # python -m shortft.rewards.jpeg: the figure in docs/rewards.md
+    print("| images | size | Spearman | real size range (kB) | mean abs. error (kB) |\n|---|---|---|---|---|")
+    for r in rank_check():
+        print(f"| {r['images']} | {r['size']}x{r['size']} | {r['spearman']:.3f} | {r['real_kb']} | "
+              f"{r['mean_abs_err_kb']:.2f} |")
