@@ -302,12 +302,23 @@ def run_eval(args) -> dict:
         files, images, prompts = load_folder(args.images)
         out = Path(args.out or Path(args.images) / "eval")
     paths = dict(kv.split("=", 1) for kv in args.reward_paths.split(",") if kv.strip())
-    metrics, skipped = build_metrics(args.metrics.split(",") if args.metrics else None,
-                                     RewardSettings(device=args.device, paths=paths))
-    want_fidelity = args.metrics is None or "prompt_fidelity" in args.metrics.split(",")
-    result = evaluate_images(images, prompts, metrics, args.batch, groups,
-                             fidelity=want_fidelity and "prompt_fidelity" not in skipped)
-    result["skipped"] = skipped
+    names = args.metrics.split(",") if args.metrics else list(ALL_METRICS)
+    settings = RewardSettings(device=args.device, paths=paths)
+    # One model in memory at a time: HPS v2, v2.1 and PickScore are ~1B parameters each.
+    result: dict = {"n": len(images), "per_image": {}, "summary": {}, "skipped": {}}
+    for name in names:
+        metrics, skipped = build_metrics([name], settings)
+        result["skipped"].update(skipped)
+        last = name == names[-1]
+        part = evaluate_images(images, prompts, metrics, args.batch, groups,
+                               fidelity=last and "prompt_fidelity" in names and "prompt_fidelity" not in skipped)
+        for key in ("per_image", "summary"):
+            result[key].update(part[key])
+        for group, means in part.get("by_group", {}).items():
+            result.setdefault("by_group", {}).setdefault(group, {}).update(means)
+        if "prompt_fidelity" in part:
+            result["prompt_fidelity"] = part["prompt_fidelity"]
+        del metrics
     result["source"] = str(args.run or args.images)
     write_results(result, files, prompts, out, groups)
     print(format_table(result))
