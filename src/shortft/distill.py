@@ -72,8 +72,9 @@ class DistillConfig:
     rank: int = 8  # LoRA rank (file size grows linearly)
     targets: str = "attn_ff"  # LoRA layers: attn_ff (attention + feed-forward, as Hyper-SD) or all (+ resnets, proj)
     guidance: float = 0.0  # teacher CFG; 0 = the model's ShortFT default (world 5, other models 7.5)
+    student_guidance: float = 1.0  # CFG of the student; 1 = conditional-only (ShortFT's shortcut_guidance default)
     prompts: str = ""  # prompt set or file; "" = world-train on the world model, simple-animals otherwise
-    teacher_steps: int = 4  # m is drawn from 1..teacher_steps: teacher DDIM steps before the EMA bridges
+    teacher_steps: int = 4  # m is drawn from 1..teacher_steps: teacher DDIM steps before the EMA bridges; 0 = to the edge (no bridge)
     ema: float = 0.95  # EMA decay of the bridging copy (LCM: 0.95); 0 = stop-gradient student
     pool: int = 256  # teacher trajectories sampled up front (memory: pool x (num_steps+1) latents)
     noised_fraction: float = 0.5  # share of rows that re-noise a clean teacher sample instead
@@ -182,6 +183,9 @@ class TSCD:
         self.bridge = EMA if cfg.ema > 0 else STUDENT  # ema = 0: the stop-gradient student bridges
         self.naive_mse = self.naive_errors()  # per segment: the loss is measured relative to these
 
+    def _uncond(self, x: torch.Tensor) -> torch.Tensor:
+        return self.uncond.expand(len(x), -1, -1)
+
     def naive_errors(self, rows: int = 64) -> list[float]:
         """Per segment, the MSE of the base model's naive one-step CFG jump from the segment's start to its
         edge on pool trajectories. Dividing by it puts the segments on one scale (the far-from-data
@@ -208,7 +212,8 @@ class TSCD:
         groups = []
         for seg in self.layout:
             n = rng.choice(seg["train"])
-            m = rng.randint(1, min(self.cfg.teacher_steps, seg["edge"] - n))
+            left = seg["edge"] - n  # teacher steps to the edge
+            m = left if self.cfg.teacher_steps == 0 else rng.randint(1, min(self.cfg.teacher_steps, left))
             rows = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator)
             noised = torch.rand(self.cfg.batch_size, generator=generator) < self.cfg.noised_fraction
             noise = torch.randn((self.cfg.batch_size, *self.pool.shape[2:]), generator=generator)
@@ -236,7 +241,8 @@ class TSCD:
             y[live] = run_plan(self.b, [Step(ts[i], ts[i + 1], (), "none", self.guidance) for i in range(n, n + m)],
                                x[live], cond[live], self.uncond.expand(int(live.sum()), -1, -1))
         if n + m < e:
-            y = run_plan(self.b, [Step(ts[n + m], ts[e], (self.bridge,), "none", 1.0)], y, cond)
+            sg = self.cfg.student_guidance
+            y = run_plan(self.b, [Step(ts[n + m], ts[e], (self.bridge,), "none", sg)], y, cond, self._uncond(y))
         return y
 
     def loss(self, groups: list[dict]) -> tuple[torch.Tensor, list[float]]:
@@ -251,7 +257,8 @@ class TSCD:
             x = self.x_t(g)
             cond = self.contexts[self.pool_prompts[g["rows"]]].to(self.b.device)
             target = self.target(x, g, cond)
-            pred = run_plan(self.b, [Step(self.ts[g["n"]], self.ts[g["edge"]], (STUDENT,), "full", 1.0)], x, cond)
+            step = Step(self.ts[g["n"]], self.ts[g["edge"]], (STUDENT,), "full", self.cfg.student_guidance)
+            pred = run_plan(self.b, [step], x, cond, self._uncond(x))
             losses.append(torch.nn.functional.mse_loss(pred, target) / self.naive_mse[len(losses)])
         return torch.stack(losses).mean(), [float(v.detach()) for v in losses]
 
@@ -324,8 +331,8 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r} not in {list(DTYPES)}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
-    if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 1 or cfg.pool < 1:
-        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 1, pool >= 1")
+    if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 0 or cfg.pool < 1:
+        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 0, pool >= 1")
     defaults = model_defaults(cfg.model)
     guidance = cfg.guidance or defaults["guidance"]
     work = Path(cfg.work_dir or f"runs/distill-{Path(cfg.out).stem}")
@@ -510,7 +517,7 @@ def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int
 
 def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int = 32, segments: int = 4,
                       num_steps: int = 50, guidance: float = 0.0, device: str = "", json_out: str = "",
-                      grid_out: str = "") -> dict:
+                      grid_out: str = "", student_guidance: float = 1.0) -> dict:
     """Load `model` and the shortcut file, run `fidelity` on held-out prompts and fresh noises, print a
     table, and write JSON (and a grid: teacher 50-step / shortcut k-step / naive k-step rows)."""
     import torch
@@ -527,7 +534,7 @@ def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int =
     names = [names[i % len(names)] for i in range(count)]
     t0 = time.time()
     with torch.no_grad():
-        res = fidelity(backend, shortcut_jump(backend), names, [EVAL_SEED + i for i in range(count)], num_steps,
+        res = fidelity(backend, shortcut_jump(backend, guidance=student_guidance), names, [EVAL_SEED + i for i in range(count)], num_steps,
                        segments, guidance)
     images = res.pop("images")
     res.update({"model": model, "shortcut": str(shortcut), "prompts": prompts or defaults["eval_prompts"],
@@ -583,7 +590,7 @@ def run_distill(args) -> int:
         if not args.shortcut:
             raise ValueError("--eval needs --shortcut FILE")
         evaluate_shortcut(args.model, args.shortcut, args.prompts, args.count, args.segments, args.num_steps,
-                          args.guidance, args.device, args.json, args.grid)
+                          args.guidance, args.device, args.json, args.grid, args.student_guidance)
         return 0
     cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     distill(cfg, fresh=args.fresh)
