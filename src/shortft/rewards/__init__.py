@@ -124,8 +124,12 @@ class WeightedSum:
         return total
 
     def components(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Each component's unweighted score, for logging."""
-        return {name: fn(images, prompts) for name, _, fn in self.parts}
+        """Each component's unweighted score, for logging (each model run once)."""
+        scores: dict[int, torch.Tensor] = {}
+        for _, _, fn in self.parts:
+            if id(fn) not in scores:
+                scores[id(fn)] = fn(images, prompts)
+        return {name: scores[id(fn)] for name, _, fn in self.parts}
 
 
 def build_reward(spec: str, settings: RewardSettings | None = None) -> Reward:
