@@ -188,3 +188,11 @@ def test_bad_weights_are_clear_errors(tiny_rewards, tmp_path):
     save_file({k: v for k, v in weights.items() if "visual_projection" not in k}, broken / "model.safetensors")
     with pytest.raises(RewardWeightsError, match="lacks"):
         build_reward("pickscore", RewardSettings(paths={"pickscore": str(broken), "pickscore_processor": str(broken)}))
+
+
+def test_low_precision_images_keep_their_gradient(tiny_rewards):
+    """A bf16 decode (mixed precision) is scored in fp32 and the gradient comes back in bf16."""
+    reward = build_reward("world_clip", settings(tiny_rewards))
+    x = images(64, n=2).to(torch.bfloat16).requires_grad_(True)
+    reward(x, PROMPTS[:2]).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and torch.isfinite(x.grad.float()).all() and x.grad.abs().sum() > 0

@@ -85,7 +85,7 @@ class AestheticReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        return self.score_pixels(self.preprocess(images.to(self.device)))
+        return self.score_pixels(self.preprocess(images.to(self.device, torch.float32)))
 
 
 @register("aesthetic")

@@ -114,7 +114,7 @@ class CLIPPreference:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        return self.score_pixels(self.preprocess(images.to(self.device)), prompts)
+        return self.score_pixels(self.preprocess(images.to(self.device, torch.float32)), prompts)
 
 
 @register("pickscore")

@@ -72,7 +72,7 @@ class HPSReward:
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         check_inputs(images, prompts)
-        return self.score_pixels(self.preprocess(images.to(self.device)), prompts)
+        return self.score_pixels(self.preprocess(images.to(self.device, torch.float32)), prompts)
 
 
 def _factory(name: str):
