@@ -128,3 +128,31 @@ def test_unreachable_hub_names_what_to_download(monkeypatch, tmp_path):
             build_reward("pickscore")
     finally:
         common.hub_reachable.cache_clear()
+
+
+def test_ascending_compressibility_shrinks_the_real_jpeg():
+    """The surrogate is a training signal for the real metric: 40 Adam steps on the pixels (through a
+    sigmoid) ascend `compressibility` and the real q95 files shrink; `incompressibility` grows them."""
+    x0 = procedural_images(10, 64, seed=5).clamp(0.01, 0.99)
+    real0 = jpeg_size_kb(x0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 80 tiny steps: thread start-up would dominate
+    try:
+        _ascend_jpeg(x0, real0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ascend_jpeg(x0, real0):
+    for name, sign in (("compressibility", -1), ("incompressibility", 1)):
+        reward = build_reward(name)
+        logit = torch.logit(x0).clone().requires_grad_(True)
+        opt = torch.optim.Adam([logit], lr=0.003)
+        for _ in range(40):
+            loss = -reward(torch.sigmoid(logit), ["p"] * 10).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        real = jpeg_size_kb(torch.sigmoid(logit).detach())
+        assert sign * (real.mean() - real0.mean()) > 0.01 * real0.mean(), (name, real.mean(), real0.mean())
+        assert (sign * (real - real0) > 0).float().mean() >= 0.8
