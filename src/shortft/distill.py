@@ -16,10 +16,11 @@ At t = e the jump is the identity, so the consistency boundary condition holds b
 
 Target. The frozen teacher (base weights, CFG, no gradient) runs m ∈ [1, teacher_steps] DDIM steps of
 the grid from t toward the edge; if it has not reached the edge, an EMA copy of the student (adapter
-"shortcut_ema"; ema = 0 gives the stop-gradient student) bridges the remainder in one jump. Loss: MSE
+"shortcut_ema"; ema = 0 gives the stop-gradient student) bridges the remainder in one jump
+(teacher_steps = 0: the teacher always runs to the edge, no bridge: plain trajectory distillation). Loss: MSE
 between the student's landing point and the target, in latent space at the edge (what ShortFT consumes),
 divided per segment by the MSE of the naive one-step CFG jump over that segment, so that the high-noise
-segments (errors ~10x larger) do not drown the others and the loss reads as (error / naive error)^2.
+segments (whose errors can be 10x larger) do not drown the others and the loss reads as (error / naive error)^2.
 
 Where x_t comes from: the teacher's own trajectories, no dataset. Before training, `pool` trajectories
 are sampled from noise with the teacher and stored at every grid timestep. A row of a batch is either a
@@ -31,7 +32,10 @@ also produce; the teacher runs live from them).
 Guidance. ShortFT runs its original chain with CFG (`guidance`: 5 on the world model, 7.5 on SD 1.5)
 and the shortcut conditional-only (`shortcut_guidance` = 1). So the teacher here is the CFG teacher
 and the student conditional-only: the shortcut then approximates the very trajectories the chain
-follows (with guidance), at one UNet call per jump (not two), as Hyper-SD's CFG-free LoRAs do.
+follows (with guidance), at one UNet call per jump (not two), as Hyper-SD's CFG-free LoRAs do. The
+price: the student must learn what guidance adds, which is slow (docs/distill.md has the measurements).
+`student_guidance` > 1 trains a CFG student instead (two calls per jump; ShortFT then needs
+`shortcut_guidance` at the same scale).
 
 Fidelity (`shortft distill --eval`, `fidelity`): on held-out prompts and fresh noises, (a) the RMSE of
 the shortcut's one-step jump from each segment's first 50-step timestep to its lower edge against the
@@ -586,6 +590,10 @@ def add_distill(sub) -> None:
 
 
 def run_distill(args) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.eval:
         if not args.shortcut:
             raise ValueError("--eval needs --shortcut FILE")
