@@ -156,3 +156,11 @@ def _ascend_jpeg(x0, real0):
         real = jpeg_size_kb(torch.sigmoid(logit).detach())
         assert sign * (real.mean() - real0.mean()) > 0.01 * real0.mean(), (name, real.mean(), real0.mean())
         assert (sign * (real - real0) > 0).float().mean() >= 0.8
+
+
+def test_bench_one_reports_cost():
+    from shortft.rewards.bench import bench_one, format_table
+
+    row = bench_one("compressibility", batch=1, size=64, repeats=1, device="cpu")
+    assert row["weights"] == "none needed" and row["fwd_bwd_s"] > 0 and row["peak_rss_GB"] > 0
+    assert "| compressibility | none needed |" in format_table([row])
