@@ -41,7 +41,7 @@ def tiny_rewards(tmp_path_factory):
 
 def settings(t) -> RewardSettings:
     return RewardSettings(paths={"pickscore": str(t["pick"]), "pickscore_processor": str(t["pick"]),
-                                 "world_clip": str(t["world"]), "aesthetic": str(t["aes_mlp"]),
+                                 "world_clip": str(t["world"]), "aesthetic": str(t["aes_mlp"].parent),  # a folder holding the named file
                                  "aesthetic_clip": str(t["aes_clip"])})
 
 
@@ -162,6 +162,8 @@ def test_bad_weights_are_clear_errors(tiny_rewards, tmp_path):
 
     with pytest.raises(RewardWeightsError, match="does not exist"):
         HPSReward.load(tmp_path / "nope" / "HPS_v2_compressed.pt", arch=TINY_OPEN_CLIP)
+    with pytest.raises(RewardWeightsError, match=r"holds none of \['HPS_v2_compressed.pt'\]"):
+        HPSReward.load(tmp_path, arch=TINY_OPEN_CLIP)
     bad = tmp_path / "bad.pt"
     state = torch.load(tiny_rewards["hps"], weights_only=True)["state_dict"]
     torch.save({k.replace("visual.", "vision."): v for k, v in state.items()}, bad)

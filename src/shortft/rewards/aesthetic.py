@@ -61,7 +61,8 @@ class AestheticReward:
 
     @classmethod
     def load(cls, mlp_path: str | Path, clip_path: str | Path = AESTHETIC_CLIP, device="cpu", dtype=torch.float32):
-        file = resolve_file(str(mlp_path), "aesthetic", MLP_SOURCE)
+        file = resolve_file(str(mlp_path), "aesthetic", MLP_SOURCE,
+                            filenames=("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth"))
         state = load_state_dict_file(file, "aesthetic")
         mlp = AestheticMLP()
         load_strict(mlp, state, "aesthetic", file)

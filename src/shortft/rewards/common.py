@@ -40,16 +40,20 @@ def _looks_local(spec: str) -> bool:
     return spec.startswith(("/", "./", "../", "~")) or Path(spec).expanduser().exists()
 
 
-def resolve_file(spec: str, reward: str, what: str) -> Path:
+def resolve_file(spec: str, reward: str, what: str, filenames: Sequence[str] = ()) -> Path:
     """A weight file from a local path, or from the hub as "repo_id/filename" (e.g.
     "xswu/HPSv2/HPS_v2_compressed.pt": repo "xswu/HPSv2", file "HPS_v2_compressed.pt").
-    A folder is accepted when it holds the hub filename."""
+    A local folder is accepted when it holds one of `filenames`."""
     path = Path(spec).expanduser()
     if path.is_file():
         return path
+    if path.is_dir():
+        for name in filenames:
+            if (path / name).is_file():
+                return path / name
+        raise RewardWeightsError(f"reward {reward!r}: folder {path} holds none of {list(filenames)}; put {what} "
+                                 f"there or name the file itself")
     if _looks_local(spec):
-        if path.is_dir():
-            raise RewardWeightsError(f"reward {reward!r}: {path} is a folder; name the weight file ({what}) inside it")
         raise RewardWeightsError(f"reward {reward!r}: weight file {path} does not exist. Download {what} and pass "
                                  f"its path with --reward_paths {reward}=/path/to/file")
     parts = spec.split("/")

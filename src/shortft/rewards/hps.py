@@ -50,7 +50,8 @@ class HPSReward:
     @classmethod
     def load(cls, path: str | Path, arch: str = HPS_ARCH, device="cpu", dtype=torch.float32, name: str = "hpsv2"):
         """open_clip `arch` with random init, then the HPS state dict loaded strictly (weights_only)."""
-        file = resolve_file(str(path), name, f"the HPS checkpoint {Path(str(path)).name}")
+        default = Path(HPS_FILES.get(name, HPS_FILES["hpsv2"])).name
+        file = resolve_file(str(path), name, f"the HPS checkpoint {default}", filenames=(default,))
         state = load_state_dict_file(file, name)
         import open_clip  # after the file checks: a missing file fails fast
 
