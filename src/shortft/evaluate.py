@@ -94,9 +94,12 @@ def load_hpdv2(source: str, styles: list[str] | None = None, limit: int | None =
         if source == "hub":
             from huggingface_hub import hf_hub_download
 
+            from shortft.rewards.common import hub_reachable
+
             repo, pattern = HPDV2_HUB
             try:
-                path = Path(hf_hub_download(repo, pattern.format(style=style), repo_type="dataset"))
+                path = Path(hf_hub_download(repo, pattern.format(style=style), repo_type="dataset",
+                                            local_files_only=not hub_reachable()))
             except Exception as err:
                 raise FileNotFoundError(f"cannot download HPDv2 {style!r} prompts from dataset {repo} "
                                         f"({type(err).__name__}); download benchmark/{style}.json and pass "
