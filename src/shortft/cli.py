@@ -1,4 +1,4 @@
-"""Command line: `shortft train | sample | ...`. Every config field is also a `--flag`; `key=value`
+"""shortft: align text-to-image diffusion models with rewards by backpropagating through the denoising chain.
 overrides work too. Bad input ends with a one-line error and exit status 2, before anything is written."""
 
 from __future__ import annotations
@@ -69,14 +69,18 @@ def run_sample(args) -> int:
     return 0
 
 
-# Each entry adds one subcommand; modules register themselves with a `register(subparsers)` function.
-COMMANDS = [add_train, add_sample, __import__("shortft.distill").distill.add_distill, __import__("shortft.bench").bench.register]
+def _commands() -> list:
+    """Each entry adds one subcommand to the parser; other modules register theirs the same way."""
+    from shortft import bench, distill, evaluate
+    from shortft.world import cli as world_cli
+
+    return [add_train, add_sample, evaluate.register, distill.add_distill, bench.register, world_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shortft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
+    for add in _commands():
         add(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["train"])  # no arguments: the main job

@@ -26,8 +26,8 @@ class TrainConfig:
     shortcut: str = ""  # shortcut LoRA: local file or repo_id/filename; "" = the world's shipped shortcut
     shortcut_scale: float = 1.0  # multiplier on the shortcut LoRA (Hyper-SD's N-step LoRAs use 1.0)
     shortcut_guidance: float = 1.0  # CFG of shortcut steps; Hyper-SD is distilled without CFG, so 1 (off)
-    dtype: str = "fp32"  # storage dtype of the frozen weights: fp32, fp16 or bf16
-    mixed_precision: str = "no"  # accelerate autocast: no, fp16 or bf16 (trainable LoRAs stay fp32)
+    dtype: str = "auto"  # storage dtype of the frozen weights: fp32, fp16, bf16; auto = fp16 on a GPU, else fp32
+    mixed_precision: str = "auto"  # accelerate autocast: no, fp16, bf16; auto = fp16 on a GPU, else no (LoRAs stay fp32)
     cpu: bool = False  # force the CPU even where a GPU is present
     # --- method -------------------------------------------------------------------------------------------
     method: str = "shortft"  # a name from shortft.methods.METHODS
@@ -82,7 +82,7 @@ PRESETS: dict[str, dict] = {
                  shortcut="ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors",
                  guidance=7.5, lora_rank=128, lora_alpha=128.0, reward="hpsv2", prompts="simple-animals",
                  eval_prompts="simple-animals", eval_count=8, max_steps=2000, batch_size=2, lr=1e-4,
-                 dtype="fp16", mixed_precision="fp16", grid_every=100, checkpoint_every=100),
+                 grid_every=100, checkpoint_every=100),
 }
 PRESETS["sd15-tiny"] = {**PRESETS["sd15"], "max_steps": 10}  # a quick end-to-end check on one GPU
 
@@ -183,7 +183,7 @@ def build_config(preset: str | None = None, file: str | None = None, overrides: 
     return cfg
 
 
-CHOICES = {"dtype": ("fp32", "fp16", "bf16"), "mixed_precision": ("no", "fp16", "bf16"),
+CHOICES = {"dtype": ("auto", "fp32", "fp16", "bf16"), "mixed_precision": ("auto", "no", "fp16", "bf16"),
            "inner_weights": ("base", "prev", "stack"), "alignprop_cut": ("gaussian", "uniform", "fixed")}
 
 

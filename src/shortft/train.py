@@ -34,6 +34,11 @@ def build_accelerator(cfg: TrainConfig):
 
     # Progressive training changes which adapters get gradient, so DDP must tolerate unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    gpu = torch.cuda.is_available() and not cfg.cpu
+    if cfg.dtype == "auto":
+        cfg.dtype = "fp16" if gpu else "fp32"
+    if cfg.mixed_precision == "auto":
+        cfg.mixed_precision = "fp16" if gpu else "no"
     return Accelerator(cpu=cfg.cpu, mixed_precision=cfg.mixed_precision,
                        gradient_accumulation_steps=cfg.grad_accum, kwargs_handlers=[ddp])
 
@@ -218,8 +223,8 @@ def train(cfg: TrainConfig) -> Path:
                         if not p.requires_grad:
                             p.grad = None
                     grad_norm = accelerator.clip_grad_norm_([p for p in params if p.requires_grad], cfg.max_grad_norm)
-                    finite = math.isfinite(float(grad_norm)) and math.isfinite(float(loss))
-                    if finite or cfg.mixed_precision == "fp16":  # fp16: the grad scaler skips and rescales
+                    finite = math.isfinite(float(grad_norm)) and math.isfinite(float(loss.detach()))
+                    if finite or accelerator.scaler is not None:  # a grad scaler (fp16) skips and rescales itself
                         optimizer.step()
                     skipped += int(not finite)
                 optimizer.zero_grad(set_to_none=True)

@@ -462,7 +462,13 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
              "fidelity is the world evaluator's mean attribute accuracy; asymmetry is "
              "`shortft.rewards.symmetry.asymmetry` (lower = more symmetric); JPEG kB at quality 95 (lower = "
              "more compressible); steps, s/it (median), UNet calls, graph calls per iteration and training "
-             "seconds come from the runs' histories.", "", "## What comes out", ""]
+             "seconds come from the runs' histories.", ""]
+    if not world:
+        lines += [f"**Not the embedded world.** This run used `{spec.label}`, not the trained world model: with "
+                  "random weights and a random shortcut LoRA standing in for a distilled one, the numbers show "
+                  "that the harness runs end to end and how the methods' costs compare; they say nothing about "
+                  "the paper's claims on alignment quality.", ""]
+    lines += ["## What comes out", ""]
     lines += verdicts(results, rewards, s) + [""]
     for kind in s["budgets"]:
         budget = s["time_budget"] if kind == "time" else s["call_budget"]

@@ -1,0 +1,134 @@
+"""The training loop end to end on the tiny model: trainable changed / frozen did not, exact resume,
+non-finite steps skipped, LoRA files loadable by stock diffusers, sampling parity, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from conftest import train_overrides
+from shortft import lora
+from shortft.backends import SDBackend
+from shortft.cli import main
+from shortft.config import build_config
+from shortft.sample import TimestepLoRASwitch, generate, load_run
+from shortft.train import train
+
+
+def _adapters(ckpt_dir):
+    return load_file(ckpt_dir / "adapters.safetensors")
+
+
+def _latest_ckpt(run):
+    return sorted((run / "checkpoints").glob("step-*"))[-1]
+
+
+def nan_reward(images, prompts):
+    return images.mean(dim=(1, 2, 3)) * float("nan")
+
+
+@pytest.fixture(scope="module")
+def shortft_run(tiny, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "shortft"
+    train(build_config("world", overrides=train_overrides(tiny, run, max_steps=4)))
+    return run
+
+
+def test_run_folder_contents(shortft_run):
+    for name in ["config.yaml", "summary.json", "reward_curve.png", "before_after.png", "lora/shortft.json",
+                 "lora/lora1.safetensors", "lora/lora4.safetensors"]:
+        assert (shortft_run / name).is_file(), name
+    summary = json.loads((shortft_run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["skipped_steps"] == 0
+    assert math.isfinite(summary["before"]["reward"]) and math.isfinite(summary["after"]["reward"])
+    assert any((shortft_run / "tb").iterdir())
+
+
+def test_trainable_changed_frozen_did_not(tiny, shortft_run):
+    b = SDBackend.load(tiny["model"])  # the untouched base weights
+    lora.load_lora(b.unet, tiny["shortcut"], "shortcut")
+    start = {n: p.detach().clone() for n, p in b.unet.named_parameters()}
+    trained = _adapters(_latest_ckpt(shortft_run))
+    # every LoRA B matrix started at zero; each adapter moved during its stages
+    for j in range(1, 5):
+        bs = [v for k, v in trained.items() if f".lora{j}." in k and "lora_B" in k]
+        assert bs and any(v.abs().sum() > 0 for v in bs), f"lora{j} never changed"
+    # base and shortcut weights in the run equal the originals: load the run and compare
+    b2, _, _ = load_run(shortft_run)
+    now = dict(b2.unet.named_parameters())
+    for n, p in start.items():
+        key = n.replace(".shortcut.", ".shortcut.")
+        if ".lora_" not in n:
+            assert torch.equal(now[key], p), f"frozen weight {n} changed"
+        elif ".shortcut." in n:
+            assert torch.equal(now[n], p), f"shortcut weight {n} changed"
+
+
+def test_resume_is_exact(tiny, tmp_path):
+    full = tmp_path / "full"
+    train(build_config("world", overrides=train_overrides(tiny, full, max_steps=4, method="draft")))
+    part = tmp_path / "part"
+    train(build_config("world", overrides=train_overrides(tiny, part, max_steps=2, method="draft")))
+    train(build_config("world", overrides=train_overrides(tiny, part, max_steps=4, method="draft", resume=str(part))))
+    a, b = _adapters(_latest_ckpt(full)), _adapters(_latest_ckpt(part))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] - b[k]).abs().max() < 1e-6, k
+    assert any(v.abs().sum() > 0 for k, v in a.items() if "lora_B" in k)
+
+
+def test_nonfinite_steps_are_skipped(tiny, tmp_path):
+    run = tmp_path / "nan"
+    train(build_config("world", overrides=train_overrides(tiny, run, method="draft", reward="test_train:nan_reward",
+                                                 eval_count=1)))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2
+    assert all(v.abs().sum() == 0 for k, v in _adapters(_latest_ckpt(run)).items() if "lora_B" in k)
+
+
+def test_lora_files_load_in_stock_diffusers_and_sampling_matches(tiny, shortft_run):
+    """`shortft sample` (engine, per-timestep stacks) == stock pipeline + TimestepLoRASwitch callback."""
+    backend, method, cfg = load_run(shortft_run)
+    prompts, seeds = ["a red circle on the left", "a small green triangle"], [0, 1]
+    ours = generate(backend, method.sample_plan(), prompts, seeds)
+    b = SDBackend.load(tiny["model"])
+    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+                                   scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    switch = TimestepLoRASwitch.from_run(shortft_run, pipe)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    stock = pipe(prompts, num_inference_steps=cfg.num_steps, guidance_scale=cfg.guidance, generator=gens,
+                 output_type="pt", callback_on_step_end=switch).images
+    assert (ours - stock).abs().max() < 1e-4
+    # and the LoRAs matter: the base model gives other images
+    base = generate(backend, type(method.sample_plan())(
+        [s.__class__(s.t_from, s.t_to, (), s.grad, s.guidance) for s in method.sample_plan().steps]), prompts, seeds)
+    assert (ours - base).abs().max() > 1e-4
+
+
+def test_sample_cli(shortft_run, tmp_path):
+    assert main(["sample", str(shortft_run), "--count", "3", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.png")) == ["0000.png", "0001.png", "0002.png", "grid.png"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "learning_rate=1"], "unknown config key 'learning_rate'"),
+    (["train", "lr=fast"], "config key 'lr' expects float"),
+    (["train", "--method", "ppo"], "unknown method 'ppo'; choose from shortft, draft"),
+    (["train", "--reward", "beauty"], "unknown reward 'beauty'"),
+    (["train", "--model", "/no/such/model"], "'/no/such/model' is not an existing folder"),
+    (["train", "--prompts", "/no/prompts.txt"], "prompt file '/no/prompts.txt' does not exist"),
+    (["train", "--inner-weights", "all"], "inner_weights='all' is not one of base, prev, stack"),
+])
+def test_cli_errors(tiny, tmp_path, capsys, args, message):
+    run = tmp_path / "never"
+    extra = [f"model={tiny['model']}"] if "--model" not in args else []
+    rc = main(args + extra + [f"shortcut={tiny['shortcut']}", f"run_dir={run}"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and message in err and len(err.splitlines()) == 1
+    assert not run.exists()  # nothing written

@@ -1,0 +1,61 @@
+"""World pretraining code on tiny configs: the real tokenizer, and a few optimisation steps of each
+part lower its loss and write folders that load through diffusers/transformers."""
+
+import shutil
+
+import open_clip
+import pytest
+import torch
+
+from shortft.world import pretrain as P
+from shortft.world.scenes import caption, prompt_split, sample_scenes
+
+
+@pytest.fixture(scope="module")
+def tiny_out(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    cfg = P.PretrainConfig(out=root / "assets", work_dir=root / "work", tiny=True)
+    tok = P.build_tokenizer(cfg.out / "model" / "tokenizer")
+    shutil.copytree(cfg.out / "model" / "tokenizer", cfg.out / "clip")
+    return cfg, tok
+
+
+def test_tokenizer_ids_equal_open_clip(tiny_out):
+    _, tok = tiny_out
+    caps = [caption(s, i) for i, s in enumerate(sample_scenes(100, "train", seed=0))] + prompt_split("heldout")
+    ids = P.tokenize(tok, caps)  # (N, 32), padded with <|endoftext|>
+    ref = open_clip.tokenize(caps, context_length=P.MAX_TOKENS)  # padded with 0
+    n = (ref != 0).sum(1)
+    assert int(n.max()) < P.MAX_TOKENS
+    for i in range(len(caps)):
+        assert torch.equal(ids[i, : n[i]], ref[i, : n[i]]), caps[i]
+    assert tok.vocab_size == 49408
+
+
+def _first_last(losses, k):
+    return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+
+def test_vae_unet_clip_train_and_save(tiny_out):
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from transformers import CLIPModel
+
+    cfg, _ = tiny_out
+    torch.manual_seed(0)
+    cfg.vae_steps, cfg.unet_steps, cfg.clip_steps = 60, 60, 40
+    vae, losses = P.pretrain_vae(cfg)
+    first, last = _first_last(losses, 10)
+    assert last < 0.8 * first, (first, last)
+    loaded = AutoencoderKL.from_pretrained(cfg.out / "model" / "vae")
+    assert 0.05 < loaded.config.scaling_factor < 50
+    unet, text, losses = P.pretrain_unet(cfg)
+    first, last = _first_last(losses, 20)
+    assert last < first, (first, last)
+    pipe = StableDiffusionPipeline.from_pretrained(cfg.out / "model", safety_checker=None,
+                                                   requires_safety_checker=False)
+    img = pipe(["a red circle on the left"], num_inference_steps=2, height=64, width=64, output_type="pt").images
+    assert img.shape == (1, 3, 64, 64)
+    _, losses = P.pretrain_clip(cfg)
+    first, last = _first_last(losses, 10)
+    assert last < first, (first, last)
+    assert isinstance(CLIPModel.from_pretrained(cfg.out / "clip"), CLIPModel)
