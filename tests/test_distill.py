@@ -14,8 +14,7 @@ from shortft import lora
 from shortft.backends import SDBackend
 from shortft.chain import END, Step, run_plan
 from shortft.cli import main
-from shortft.distill import (EMA, STUDENT, TSCD, DistillConfig, build_pool, ema_update, fidelity,
-                             segment_layout)
+from shortft.distill import EMA, STUDENT, TSCD, DistillConfig, build_pool, ema_update, fidelity, segment_layout
 
 SMALL = dict(num_steps=10, segments=2, pool=4, batch_size=2, rank=4, guidance=5.0)
 

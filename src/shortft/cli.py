@@ -44,28 +44,21 @@ def add_sample(sub) -> None:
 
 
 def run_sample(args) -> int:
-    import dataclasses
-
-    from shortft.chain import sampling_plan
     from shortft.images import save_grid, to_pil
     from shortft.prompts import load_prompts
-    from shortft.sample import generate, load_run
+    from shortft.sample import run_metadata_of, sample_run
 
-    backend, method, cfg = load_run(args.run_dir)
-    prompts = load_prompts(args.prompts or cfg.eval_prompts)
+    cfg = run_metadata_of(args.run_dir)["config"]
+    prompts = load_prompts(args.prompts or cfg["eval_prompts"])
     prompts = [prompts[i % len(prompts)] for i in range(args.count)]
-    plan = method.sample_plan()
-    if args.base:
-        plan = sampling_plan([s.t_from for s in plan.steps], lambda i: (), cfg.guidance)
-    images = generate(backend, plan, prompts, [args.seed + i for i in range(args.count)])
+    images = sample_run(args.run_dir, prompts, [args.seed + i for i in range(args.count)], base=args.base)
     out = Path(args.out or Path(args.run_dir) / "samples")
     out.mkdir(parents=True, exist_ok=True)
     for i, (img, prompt) in enumerate(zip(images, prompts)):
         to_pil(img).save(out / f"{i:04d}.png")
         (out / f"{i:04d}.txt").write_text(prompt + "\n")
-    save_grid(images, out / "grid.png", scale=2 if backend.image_size < 256 else 1)
-    print(f"wrote {len(images)} images and grid.png to {out} ({dataclasses.asdict(cfg)['method']}"
-          f"{', base model' if args.base else ''})")
+    save_grid(images, out / "grid.png", scale=2 if images.shape[-1] < 256 else 1)
+    print(f"wrote {len(images)} images and grid.png to {out} ({cfg['method']}{', base model' if args.base else ''})")
     return 0
 
 

@@ -56,6 +56,8 @@ import tokenize
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
+
 # torch, peft and diffusers are imported inside the functions: the CLI imports this module to register
 # `shortft distill`, and `shortft --help` should not pay for them.
 

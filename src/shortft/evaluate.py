@@ -238,16 +238,6 @@ def write_results(result: dict, files: list[str], prompts: list[str], out: Path,
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
-def sample_run_images(run_dir: str, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    """Images of a trained run: needs `shortft.sample.sample_run(run_dir, prompts, seeds) -> (N, 3, H, W)`."""
-    from shortft import sample
-
-    if not hasattr(sample, "sample_run"):
-        raise SystemExit("shortft eval --run needs shortft.sample.sample_run(run_dir, prompts, seeds), which this "
-                         "version lacks; sample the run to a folder with `shortft sample` and evaluate the folder")
-    return sample.sample_run(run_dir, prompts, seeds)
-
-
 def save_images(images: torch.Tensor, folder: Path) -> list[str]:
     from PIL import Image
 
@@ -298,7 +288,9 @@ def run_eval(args) -> dict:
         prompts = [p for _, p in pairs for _ in seeds]
         groups = [g for g, _ in pairs for _ in seeds] if args.hpdv2 else None
         out = Path(args.out or Path(args.run) / "eval")
-        images = sample_run_images(args.run, prompts, [s for _ in pairs for s in seeds])
+        from shortft.sample import sample_run
+
+        images = sample_run(args.run, prompts, [s for _ in pairs for s in seeds])
         files = save_images(images, out / "images")
         images = list(images)
     else:

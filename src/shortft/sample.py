@@ -32,6 +32,14 @@ def generate(backend, plan, prompts: list[str], seeds: list[int], batch_size: in
     return torch.cat(out)
 
 
+def run_metadata_of(run_dir: str | Path) -> dict:
+    """A finished run's lora/shortft.json (adapters, per-timestep schedule, config)."""
+    meta_file = Path(run_dir) / "lora" / "shortft.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a finished shortft run (no lora/shortft.json)")
+    return json.loads(meta_file.read_text())
+
+
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild (backend, method, cfg) from a run folder, with its trained LoRAs loaded."""
     from shortft.backends import SDBackend
@@ -39,10 +47,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     from shortft.methods import METHODS
 
     run_dir = Path(run_dir)
-    meta_file = run_dir / "lora" / "shortft.json"
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished shortft run (no lora/shortft.json)")
-    meta = json.loads(meta_file.read_text())
+    meta = run_metadata_of(run_dir)
     cfg = from_dict(meta["config"])
     backend = SDBackend.load(cfg.model, device=device)
     for name in meta["adapters"]:
@@ -50,6 +55,19 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     method = METHODS[cfg.method](cfg)
     method.setup(backend)
     return backend, method, cfg
+
+
+def sample_run(run_dir: str | Path, prompts: list[str], seeds: list[int], device: str | torch.device = "cpu",
+               base: bool = False) -> torch.Tensor:
+    """Images (N, 3, H, W) in [0, 1] of a trained run: the original chain with each timestep's adapters
+    (`base=True`: every adapter off, the model before training)."""
+    from shortft.chain import sampling_plan
+
+    backend, method, cfg = load_run(run_dir, device)
+    plan = method.sample_plan()
+    if base:
+        plan = sampling_plan([s.t_from for s in plan.steps], lambda i: (), cfg.guidance)
+    return generate(backend, plan, prompts, seeds)
 
 
 class TimestepLoRASwitch:

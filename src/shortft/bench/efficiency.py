@@ -84,7 +84,6 @@ def rollout(ctx: dict, it: int):
 
 def train_iteration(ctx: dict, it: int, progress: float, step: bool = True) -> dict:
     """One iteration of the training loop (plan, chain, decode, reward, backward, clip, AdamW step)."""
-    import torch
 
     from shortft import lora
 
@@ -131,7 +130,7 @@ def raw_chain(backend, steps, x, cond, uncond):
             with torch.no_grad():
                 eps = unet(inp, t, encoder_hidden_states=ctx).sample
         elif s.grad == "checkpoint":
-            eps = torch.utils.checkpoint.checkpoint(lambda i, c: unet(i, t, encoder_hidden_states=c).sample,
+            eps = torch.utils.checkpoint.checkpoint(lambda i, c, t=t: unet(i, t, encoder_hidden_states=c).sample,
                                                     inp, ctx, use_reentrant=False)
         else:
             eps = unet(inp, t, encoder_hidden_states=ctx).sample
