@@ -91,7 +91,10 @@ class TimestepLoRASwitch:
         meta = json.loads((run_dir / "lora" / "shortft.json").read_text())
         for name in meta["adapters"]:
             pipe.load_lora_weights(run_dir / "lora", weight_name=f"{name}.safetensors", adapter_name=name)
-        switch = cls({int(t): a for t, a in meta["schedule"].items()}, meta["adapters"])
+        for name, spec in meta.get("frozen", {}).items():  # shortcut-ft samples on top of the shortcut
+            file = lora.resolve_file(spec)
+            pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=name)
+        switch = cls({int(t): a for t, a in meta["schedule"].items()}, meta["adapters"] + list(meta.get("frozen", {})))
         switch.apply(pipe, meta["timesteps"][0])
         return switch
 
@@ -110,6 +113,8 @@ class TimestepLoRASwitch:
 def run_metadata(method, cfg_dict: dict) -> dict:
     """What a run folder's lora/shortft.json records: adapters, per-timestep schedule, config."""
     plan = method.sample_plan()
-    return {"adapters": method.adapter_names(), "timesteps": method.timesteps,
+    used = {a for s in plan.steps for a in s.adapters} - set(method.adapter_names())
+    frozen = {name: method.cfg.shortcut for name in sorted(used)}  # only the shortcut is ever frozen and sampled
+    return {"adapters": method.adapter_names(), "frozen": frozen, "timesteps": method.timesteps,
             "schedule": {str(s.t_from): list(s.adapters) for s in plan.steps},
             "guidance": method.cfg.guidance, "config": cfg_dict}
