@@ -4,11 +4,8 @@ session and loaded back through the real loading code."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from shortft.testing import make_tiny_lora, make_tiny_model
-
-torch.set_num_threads(2)
 
 
 @pytest.fixture(scope="session")

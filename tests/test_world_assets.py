@@ -65,14 +65,15 @@ def test_shipped_shortcut_preserves_trajectories():
     """Each shortcut jump (741->501, 481->261, 241->1) lands nearer the 50-step CFG chain than a naive
     one-step DDIM jump of the base model from the same point."""
     backend = SDBackend.load("world")
-    method = METHODS["shortft"](build_config("world"))
+    cfg = build_config("world")
+    method = METHODS["shortft"](cfg)
     method.setup(backend)  # loads the shipped shortcut as a frozen adapter
     ts = backend.timesteps(50)
     prompts = prompt_split("heldout")[:4]
     cond, uncond = backend.encode_prompts(prompts), backend.encode_prompts([""] * 4)
 
-    def chain(x, i, j, adapters=(), guidance=5.0):  # DDIM steps ts[i] -> ... -> ts[j]
-        return run_plan(backend, Plan([Step(ts[k], ts[k + 1], adapters, "none", guidance) for k in range(i, j)]),
+    def chain(x, i, j):  # DDIM steps ts[i] -> ... -> ts[j]
+        return run_plan(backend, Plan([Step(ts[k], ts[k + 1], (), "none", cfg.guidance) for k in range(i, j)]),
                         x, cond, uncond)
 
     x = torch.randn(backend.latent_shape(4), generator=torch.Generator().manual_seed(0))
@@ -81,8 +82,8 @@ def test_shipped_shortcut_preserves_trajectories():
         for start, end in ((12, 24), (25, 36), (37, 49)):  # 741->501, 481->261, 241->1 as ShortFT jumps
             x = chain(x, at, start)
             teacher = chain(x, start, end)
-            jump = run_plan(backend, Plan([Step(ts[start], ts[end], ("shortcut",), "none", 1.0)]), x, cond, uncond)
-            naive = run_plan(backend, Plan([Step(ts[start], ts[end], (), "none", 5.0)]), x, cond, uncond)
+            jump = run_plan(backend, Plan([Step(ts[start], ts[end], ("shortcut",), "none", cfg.shortcut_guidance)]), x, cond, uncond)
+            naive = run_plan(backend, Plan([Step(ts[start], ts[end], (), "none", cfg.guidance)]), x, cond, uncond)
             assert (jump - teacher).pow(2).mean() < 0.5 * (naive - teacher).pow(2).mean(), (ts[start], ts[end])
             x, at = teacher, end
 

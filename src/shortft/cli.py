@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from shortft.config import FIELDS, PRESETS, ConfigError, build_config, coerce, field_comments, parse_overrides
+from shortft.rewards.common import RewardWeightsError
 
 
 def add_train(sub) -> None:
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv or ["train"])  # no arguments: the main job
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, ValueError, RewardWeightsError) as err:
         print(f"shortft: error: {err}", file=sys.stderr)
         return 2
 

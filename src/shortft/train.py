@@ -152,6 +152,7 @@ def train(cfg: TrainConfig) -> Path:
     from shortft.images import save_grid
     from shortft.report import plot_curve, write_summary
 
+    prompts, eval_prompts = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)[: cfg.eval_count]  # fail early
     accelerator = build_accelerator(cfg)
     is_main, rank = accelerator.is_main_process, accelerator.process_index
     run_dir = Path(cfg.resume) if cfg.resume else default_run_dir(cfg)
@@ -160,7 +161,6 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed)  # LoRA initialisation (DDP also broadcasts rank 0's weights)
     backend, method = build_model(cfg, accelerator.device)
     reward = build_reward_fn(cfg, accelerator.device)
-    prompts, eval_prompts = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)[: cfg.eval_count]
     unet = backend.unet
     params = lora.set_trainable(unet, method.adapter_names())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -97,7 +97,9 @@ def build_tokenizer(out_dir: Path):
         pad_token="<|endoftext|>",
     )
     tok.save_pretrained(out_dir)
-    # Slow-tokenizer files too, so transformers 4.x (which needs them) loads the same tokenizer.
+    # Ship vocab.json + merges.txt only (1.4 MB): both transformers 4 and 5 rebuild the same tokenizer from
+    # them, and tokenizer.json would add 3.5 MB of the same content.
+    (out_dir / "tokenizer.json").unlink(missing_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
     return CLIPTokenizer.from_pretrained(out_dir)  # the saved files are what ships
@@ -421,6 +423,18 @@ def pretrain_unet(cfg: PretrainConfig):
     return unet, text, losses
 
 
+def load_as_fp32(folder: Path) -> None:
+    """Weights ship in fp16 (half the size); mark a transformers config so that a plain from_pretrained
+    (dtype "auto" in transformers 5) loads them in fp32, as diffusers does for the UNet and VAE, so a
+    stock StableDiffusionPipeline.from_pretrained(folder) runs on a CPU without a dtype argument."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in cfg:
+            cfg[key] = "float32"
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def save_world_model(model_dir: Path, unet, text) -> None:
     """Write unet/ text_encoder/ (fp16 safetensors), scheduler/ and model_index.json next to the
     existing vae/ and tokenizer/, so StableDiffusionPipeline.from_pretrained(model_dir) works."""
@@ -439,6 +453,7 @@ def save_world_model(model_dir: Path, unet, text) -> None:
     pipe.to(torch.float16)
     pipe.save_pretrained(model_dir, safe_serialization=True)
     pipe.to(torch.float32)
+    load_as_fp32(Path(model_dir) / "text_encoder")
     print(f"saved world model to {model_dir}")
 
 
@@ -510,8 +525,7 @@ def pretrain_clip(cfg: PretrainConfig):
 
     from transformers import CLIPImageProcessor, CLIPModel
 
-    tok = load_tokenizer(cfg.out / "clip") if (cfg.out / "clip" / "tokenizer.json").exists() else build_tokenizer(
-        cfg.out / "clip")
+    tok = build_tokenizer(cfg.out / "clip")
     torch.manual_seed(cfg.seed)
     model = CLIPModel(clip_config(cfg.tiny))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
@@ -555,11 +569,11 @@ def pretrain_clip(cfg: PretrainConfig):
     out = cfg.out / "clip"
     model.to(torch.float16).save_pretrained(out, safe_serialization=True)
     model.to(torch.float32)
+    load_as_fp32(out)
     CLIPImageProcessor(
         do_resize=True, size={"shortest_edge": 64}, do_center_crop=True, crop_size={"height": 64, "width": 64},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
         image_std=list(CLIP_STD), do_convert_rgb=True,
     ).save_pretrained(out)
-    tok.save_pretrained(out)
     print(f"clip: saved to {out}")
     return model, losses
