@@ -26,7 +26,7 @@ def test_assets_are_small_safetensors():
     files = [p for p in ASSETS.rglob("*") if p.is_file()]
     weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt")]
     assert WORLD_SHORTCUT in weights and all(p.suffix == ".safetensors" for p in weights)
-    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert sum(p.stat().st_size for p in weights) <= 30e6  # issue 4: at most 30 MB of weights
 
 
 def test_world_model_matches_stock_pipeline():

@@ -62,8 +62,8 @@ def model_fidelity(model=None, steps: int = 50, cfg_scale: float = 5.0, seed: in
 
 
 @torch.no_grad()
-def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0) -> dict[str, float]:
-    """On n held-out rendered images: how often the CLIP score (exp(logit_scale) * cosine) of the
+def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, split: str = "heldout") -> dict[str, float]:
+    """On n rendered images of `split`: how often the CLIP score (exp(logit_scale) * cosine) of the
     true caption beats every one-attribute-wrong caption (all alternatives, same template), overall
     and per changed attribute; plus top-1 among [true + all of them]."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
@@ -76,7 +76,7 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0) ->
     proc = CLIPImageProcessor.from_pretrained(path)
     mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
-    scenes = sample_scenes(n, "heldout", seed=seed + 777)
+    scenes = sample_scenes(n, split, seed=seed + 777)
     img = model.get_image_features(pixel_values=(render(scenes) - mean) / std)
     img = torch.nn.functional.normalize(getattr(img, "pooler_output", img), dim=-1)
     wins = {a: [] for a in ATTRIBUTES}
@@ -115,6 +115,7 @@ def evaluate(model=None, clip=None, n_real: int = 1000, cfg_scale: float = 5.0, 
         res["model"] = model_fidelity(model, steps, cfg_scale, seed)
     if "clip" not in skip:
         res["clip_ranking_heldout"] = clip_ranking(clip, seed=seed)
+        res["clip_ranking_train"] = clip_ranking(clip, seed=seed, split="train")
     return res
 
 
@@ -128,8 +129,9 @@ def format_table(res: dict) -> str:
     if "model" in res:
         lines.append(f"\nmodel: 8 images, DDIM {res['settings']['steps']}, CFG {res['settings']['cfg_scale']}: "
                      f"{res['model']['seconds_for_8_images']:.2f} s")
-    if "clip_ranking_heldout" in res:
-        r = res["clip_ranking_heldout"]
-        lines.append("CLIP ranking on held-out images (true caption > one-attribute-wrong): " + ", ".join(
-            f"{k} {v:.3f}" for k, v in r.items()))
+    for split in ("train", "heldout"):
+        if f"clip_ranking_{split}" in res:
+            r = res[f"clip_ranking_{split}"]
+            lines.append(f"CLIP ranking on {split} images (true caption > one-attribute-wrong): " + ", ".join(
+                f"{k} {v:.3f}" for k, v in r.items()))
     return "\n".join(lines)

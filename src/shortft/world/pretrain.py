@@ -32,15 +32,15 @@ class PretrainConfig:
     tiny: bool = False  # tiny networks and few steps: for tests
     threads: int = 0  # torch CPU threads (0 = torch default)
     # VAE
-    vae_steps: int = 12000  # ~15 min on 2 cores at batch 16
+    vae_steps: int = 500  # the shipped encoder: step 500 of an interrupted run (~6 min at 1.5 it/s, 1 thread); more is better
     vae_batch: int = 16  # small batches trained faster than 32 per wall-clock minute
     vae_lr: float = 1e-3  # cosine-decayed to vae_lr_min
     vae_lr_min: float = 2e-4
     vae_object_weight: float = 8.0  # extra loss weight on object pixels: the background is trivial
     vae_kl: float = 1e-6  # tiny KL keeps the latent scale bounded; reconstruction uses the mean
-    vae_decoder_steps: int = 1500  # decoder-only fine-tune with the encoder (the latent space) frozen
+    vae_decoder_steps: int = 2000  # decoder-only fine-tune with the encoder (the latent space) frozen (~18 min)
     # text encoder + UNet
-    unet_steps: int = 2400  # ~80 min on 2 shared cores
+    unet_steps: int = 5000  # ~55 min at 1 thread beside another job, ~38 min alone on 2 threads
     unet_batch: int = 32  # half the step time of 64 on 2 shared cores: more updates before the deadline
     unet_lr: float = 5e-4
     unet_warmup: int = 100
@@ -49,7 +49,7 @@ class PretrainConfig:
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
     # CLIP preference model
-    clip_steps: int = 1500
+    clip_steps: int = 1000  # ~7 min at 1 thread
     clip_batch: int = 64
     clip_lr: float = 1e-3
     clip_hard_negatives: int = 2  # one-attribute-wrong captions per image in each batch
@@ -489,7 +489,7 @@ CLIP_STD = (0.5, 0.5, 0.5)
 def clip_config(tiny: bool):
     from transformers import CLIPConfig
 
-    w = 16 if tiny else 64
+    w = 16 if tiny else 48  # text width 48: the 49,408-token table is most of the weights (30 MB budget)
     return CLIPConfig(
         text_config=dict(text_config(tiny), hidden_size=w, intermediate_size=4 * w),
         vision_config=dict(

@@ -125,10 +125,10 @@ def caption(scene: Scene, template_index: int = 0) -> str:
 
 
 def prompt_split(split: str) -> list[str]:
-    """Fixed prompt sets: 'heldout' = every held-out composition once (90 prompts);
+    """Fixed prompt sets: 'heldout' = every held-out composition once (90 prompts, fixed shuffled order);
     'train' = 120 train compositions drawn with a fixed seed. Templates cycle."""
-    if split == "heldout":
-        combos = all_compositions("heldout")
+    if split == "heldout":  # shuffled once, so that any first-N subset mixes shapes, colours and positions
+        combos = random.Random("prompt-split-heldout").sample(all_compositions("heldout"), 90)
     elif split == "train":
         combos = random.Random("prompt-split-train").sample(all_compositions("train"), 120)
     else:
