@@ -11,11 +11,12 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from shortft.backends import SDBackend
-from shortft.chain import END, Plan, Step, run_plan, sampling_plan
+from shortft.chain import Plan, Step, run_plan, sampling_plan
 from shortft.cli import main
 from shortft.config import build_config
 from shortft.methods import METHODS
 from shortft.sample import generate
+from shortft.train import resolve_shortcut
 from shortft.world import ASSETS, WORLD_CLIP, WORLD_MODEL, WORLD_SHORTCUT
 from shortft.world.evaluator import prompt_fidelity
 from shortft.world.pretrain import one_attribute_wrong
@@ -66,6 +67,8 @@ def test_shipped_shortcut_preserves_trajectories():
     one-step DDIM jump of the base model from the same point."""
     backend = SDBackend.load("world")
     cfg = build_config("world")
+    resolve_shortcut(cfg)  # "" -> the shipped shortcut, as `shortft train` does
+    assert cfg.shortcut == str(WORLD_SHORTCUT)
     method = METHODS["shortft"](cfg)
     method.setup(backend)  # loads the shipped shortcut as a frozen adapter
     ts = backend.timesteps(50)
@@ -97,4 +100,4 @@ def test_two_step_train_on_the_shipped_world(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     for when in ("before", "after"):
         assert set(summary[when]["fidelity"]) >= {"shape", "colour", "size", "position", "background"}
-    assert summary["steps"] == 2 and END == -1
+    assert summary["steps"] == 2

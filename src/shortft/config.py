@@ -56,10 +56,10 @@ class TrainConfig:
     eval_prompts: str = "world-heldout"  # prompts for grids and before/after figures (held out)
     eval_count: int = 32  # number of eval prompts (one fixed seed each) for the before/after summary
     # --- optimisation -------------------------------------------------------------------------------------
-    max_steps: int = 40  # optimiser steps
+    max_steps: int = 120  # optimiser steps (world: ~7 min on 2 CPU cores)
     batch_size: int = 4  # prompts per rollout per process
     grad_accum: int = 1  # rollouts accumulated per optimiser step
-    lr: float = 1e-3  # AdamW learning rate
+    lr: float = 2e-3  # AdamW learning rate
     weight_decay: float = 0.1  # AdamW weight decay (DRaFT: 0.1)
     time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit); equal-compute benchmarks
     unet_call_budget: int = 0  # stop after this many UNet calls in rollouts (0 = no limit); equal-call benchmarks
