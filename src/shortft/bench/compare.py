@@ -41,13 +41,16 @@ WANTED_REWARDS = ("world_clip", "symmetry", "compressibility")  # issue 6's thre
 
 # Presets. Budgets are per run. `curve` adds runs at these fractions of the time budget (first reward only)
 # for the held-out-reward-vs-wall-clock plot; the base model is its point at 0 s. Sizes are set by what fits
-# on 2 CPU cores: a run costs its budget plus ~5-8 s of fixed work (model loads, train's own before/after
-# evaluation, saving, the held-out evaluation), so --quick keeps Table 1-3's rows and 3 seeds on one reward.
+# on 2 idle CPU cores: a run costs its budget plus ~9 s of fixed work (model loads, train's own before/after
+# evaluation, saving, the held-out evaluation of 8 images), about 12 s for a 3-s run. So --quick keeps every
+# row of Tables 1-3 and 3 seeds on one reward and one budget kind (31 runs); --full runs all three rewards and
+# both budget kinds (181 runs). These budgets give each method only a few optimiser steps: they test the
+# harness and the accounting; a comparison worth reading needs a larger --time-budget (see docs/RESULTS.md).
 PRESETS = {
-    "quick": dict(variants=list(VARIANTS), rewards=list(WANTED_REWARDS), max_rewards=1, seeds=3, budgets=["time", "calls"],
+    "quick": dict(variants=list(VARIANTS), rewards=list(WANTED_REWARDS), max_rewards=1, seeds=3, budgets=["time"],
                   time_budget=3.0, call_budget=120, curve=[], eval_n=8, batch_size=2),
     "full": dict(variants=list(VARIANTS), rewards=list(WANTED_REWARDS), max_rewards=None, seeds=3, budgets=["time", "calls"],
-                 time_budget=6.0, call_budget=200, curve=[0.5], eval_n=8, batch_size=2),
+                 time_budget=6.0, call_budget=200, curve=[], eval_n=8, batch_size=2),
 }
 
 
@@ -188,9 +191,9 @@ def add_parser(bsub) -> None:
                         description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="every variant, the first reward, 3 seeds, both budgets (<= 10 min on 2 idle CPU cores)")
+                   help="every variant, the first reward, 3 seeds, a 3-s time budget (31 runs, ~7 min on 2 idle CPU cores)")
     g.add_argument("--full", dest="preset", action="store_const", const="full",
-                   help="every variant and reward, 3 seeds, both budgets, a curve (<= 60 min on 2 idle CPU cores)")
+                   help="every variant and reward, 3 seeds, 6 s and 200 UNet calls (181 runs, < 60 min on 2 idle CPU cores)")
     p.add_argument("--model", default="world", help="world | tiny | small | a diffusers folder")
     p.add_argument("--shortcut", default="", help="shortcut LoRA file (default: the model's own)")
     p.add_argument("--variants", default=None, help=f"comma-separated, from {', '.join(VARIANTS)}")
@@ -205,8 +208,8 @@ def add_parser(bsub) -> None:
     p.add_argument("--batch", type=int, default=None, help="prompts per rollout (every method)")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="config overrides applied to every method alike, e.g. lr=1e-3")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch's default); 1 avoids "
-                   "oversubscription stalls on a shared machine")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default, every "
+                   "core); 1 avoids oversubscription stalls on a shared machine")
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown report (figures go beside it)")
     p.add_argument("--workdir", default="runs/bench/compare", help="run folders, logs, raw JSON")
     p.set_defaults(func=run, preset=None)
@@ -263,7 +266,7 @@ def run(args) -> int:
     command = "shortft bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if sys.argv[1:2] == ["bench"] \
         else "shortft bench compare"
     out = Path(args.out)
-    figs = plots(results, rewards, s, out.parent / "figures")
+    figs = plots(results, rewards, s, out.parent / "figures", out.stem)
     out.write_text(report(results, rewards, missing, s, spec, common, args, command, figs, out.parent,
                           time.time() - t_start, skipped))
     print(f"wrote {out} ({(time.time() - t_start) / 60:.1f} min)")
@@ -302,10 +305,19 @@ def pm(ms: tuple[float, float], nd: int = 3) -> str:
     return "n/a" if m != m else f"{m:.{nd}f} ± {sd:.{nd}f}"
 
 
+def budget_text(s: dict) -> str:
+    """The budget kinds this report ran, in words."""
+    parts = {"time": f"{s['time_budget']} s of training (time)", "calls": f"{s['call_budget']} UNet calls in rollouts "
+             "(calls)"}
+    text = " and ".join(parts[k] for k in s["budgets"])
+    return text + (", run separately" if len(s["budgets"]) > 1 else "")
+
+
 # --- figures -------------------------------------------------------------------------------------------------
-def plots(results: list[dict], rewards: list[str], s: dict, folder: Path) -> dict:
+def plots(results: list[dict], rewards: list[str], s: dict, folder: Path, stem: str = "RESULTS") -> dict:
     """PNG figures: held-out reward vs wall-clock budget per method (first reward); training reward vs
-    cumulative training seconds per method (every reward, time budget). Returns {title: path}."""
+    cumulative training seconds per method (every reward, time budget). File names start with the report's
+    stem, so reports written side by side keep their own figures. Returns {title: path}."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,7 +351,7 @@ def plots(results: list[dict], rewards: list[str], s: dict, folder: Path) -> dic
         ax.set_title(f"held-out {r0} vs wall-clock")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = folder / f"heldout_{r0}_vs_time.png"
+        path = folder / f"{stem}_heldout_{r0}_vs_time.png"
         fig.savefig(path)
         plt.close(fig)
         figs[f"held-out {r0} vs training wall-clock (budget 0 = base model)"] = path
@@ -366,7 +378,7 @@ def plots(results: list[dict], rewards: list[str], s: dict, folder: Path) -> dic
         ax.set_title(f"training {reward} vs wall-clock (each seed a line)")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = folder / f"train_{reward}_vs_time.png"
+        path = folder / f"{stem}_train_{reward}_vs_time.png"
         fig.savefig(path)
         plt.close(fig)
         figs[f"training {reward} vs wall-clock"] = path
@@ -452,8 +464,7 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
              + (" Missing: " + "; ".join(f"`{k}` ({v})" for k, v in missing.items()) + "." if missing else "")
              + (f" Available but left out by this preset (run `--full` or `--rewards`): "
                 f"{', '.join(f'`{r}`' for r in skipped)}." if skipped else ""), "",
-             f"Budgets per run: {s['time_budget']} s of training (time) and {s['call_budget']} UNet calls in "
-             f"rollouts (calls), run separately; {s['seeds']} seeds; batch {s['batch_size']}. Every method runs "
+             f"Budgets per run: {budget_text(s)}; {s['seeds']} seeds; batch {s['batch_size']}. Every method runs "
              "the same config (learning rate, LoRA rank, guidance, ...): the project defaults plus "
              f"`{common}`; nothing is tuned per method. A run stops at the first step that starts at or over "
              "its budget, so it overshoots by less than one iteration. A CFG call (batched conditional + "
