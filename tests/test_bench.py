@@ -36,7 +36,7 @@ def compare_results(common, tmp_path_factory):
     """Every variant at an equal UNet-call budget, one at a tiny time budget, and the base row."""
     root = tmp_path_factory.mktemp("bench")
     budget = NUM_STEPS + 1  # one or two iterations of every method
-    runs = [{"variant": "base", "reward": "-", "seed": 0, "kind": "-", "budget": 0}]
+    runs = [{"variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0} for b in ("base", "base-shortcut")]
     runs += [{"variant": v, "reward": "symmetry", "seed": 0, "kind": "calls", "budget": budget,
               "run_dir": str(root / f"{v}-calls")} for v in compare.VARIANTS]
     runs += [{"variant": "shortft", "reward": "symmetry", "seed": 0, "kind": "time", "budget": 0.01,
@@ -74,6 +74,8 @@ def test_held_out_metrics_of_every_run(compare_results):
         assert set(m) == {"reward:symmetry", "asymmetry", "jpeg_kb"}
         assert m["reward:symmetry"] == pytest.approx(-m["asymmetry"])
         assert m["jpeg_kb"] > 0
+    base, base_sc = ([r["metrics"] for r in results if r["variant"] == b] for b in ("base", "base-shortcut"))
+    assert base[0]["asymmetry"] != base_sc[0]["asymmetry"]  # the shortcut row samples another chain
 
 
 def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
@@ -93,12 +95,15 @@ def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
         assert heading in text
     assert "`world_clip` (not registered)" in text  # missing rewards are named
     assert "base (no fine-tuning)" in text
+    assert "| shortcut model, its few-step chain |" in text and "| base, 50-step chain |" in text
     for v in compare.VARIANTS:
         assert f"| {v} |" in text
     assert "shortft vs draft-lv: higher is" in text
 
 
 def test_plan_interleaves_variants_and_rotates_their_order(tmp_path):
+    assert [r["variant"] for r in compare.plan_runs(["shortcut-ft"], ["r1"], 1, ["time"], 4.0, 100, [], tmp_path)[0]] \
+        == ["base", "base-shortcut", "shortcut-ft"]  # shortcut-ft's own starting point is scored too
     groups = compare.plan_runs(["a", "b", "c"], ["r1", "r2"], 2, ["time", "calls"], 4.0, 100, [0.5], tmp_path)
     assert len(groups) == 2 and groups[0][0]["variant"] == "base"
     first = [r["variant"] for r in groups[0][1:4]]

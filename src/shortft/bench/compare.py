@@ -114,12 +114,14 @@ def worker_group(spec: dict) -> list[dict]:
     """Train and evaluate `spec['runs']` in order in this process; the base model row when variant=base."""
     import torch
 
+    from shortft import lora
     from shortft.backends import SDBackend
     from shortft.chain import sampling_plan
     from shortft.config import build_config
+    from shortft.methods.shortft import SHORTCUT
     from shortft.prompts import load_prompts
     from shortft.sample import generate, load_run
-    from shortft.train import train
+    from shortft.train import resolve_shortcut, train
 
     set_threads(spec["threads"])
     torch.manual_seed(0)
@@ -135,6 +137,15 @@ def worker_group(spec: dict) -> list[dict]:
             cfg = build_config(preset, overrides={**common, "method": "draft"})
             backend = SDBackend.load(cfg.model)
             plan = sampling_plan(backend.timesteps(cfg.num_steps), lambda i: (), cfg.guidance)
+            history = []
+        elif run["variant"] == "base-shortcut":  # the untuned shortcut model on its own k-step chain
+            cfg = build_config(preset, overrides={**common, "method": "shortcut-ft"})
+            resolve_shortcut(cfg)
+            backend = SDBackend.load(cfg.model)
+            lora.load_lora(backend.unet, cfg.shortcut, SHORTCUT, trainable=False)
+            lora.set_scale(backend.unet, SHORTCUT, cfg.shortcut_scale)
+            plan = sampling_plan(backend.timesteps(cfg.segments, spacing="trailing"), lambda i: (SHORTCUT,),
+                                 cfg.shortcut_guidance)
             history = []
         else:
             run_dir = train(build_config(preset, overrides=run_config(common, run)))
@@ -182,7 +193,8 @@ def plan_runs(variants: list[str], rewards: list[str], seeds: int, budgets: list
                     runs.append({"variant": v, "reward": reward, "seed": seed, "kind": kind, "budget": budget,
                                  "run_dir": str(root / "runs" / f"{v}-{reward}-s{seed}-{kind}{budget}")})
         groups.append(runs)
-    groups[0] = [{"variant": "base", "reward": "-", "seed": 0, "kind": "-", "budget": 0}] + groups[0]
+    bases = ["base"] + (["base-shortcut"] if "shortcut-ft" in variants else [])
+    groups[0] = [{"variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0} for b in bases] + groups[0]
     return groups
 
 
@@ -325,7 +337,7 @@ def plots(results: list[dict], rewards: list[str], s: dict, folder: Path, stem: 
 
     folder.mkdir(parents=True, exist_ok=True)
     figs = {}
-    base = [r for r in results if r["variant"] == "base"]
+    start = {r["variant"]: r for r in results if r["variant"] in ("base", "base-shortcut")}
     colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(VARIANTS)}
     r0 = rewards[0]
     budgets = sorted({r["budget"] for r in results if r["kind"] == "time" and r["reward"] == r0})
@@ -333,9 +345,10 @@ def plots(results: list[dict], rewards: list[str], s: dict, folder: Path, stem: 
         fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
         for v in s["variants"]:
             xs, ms, sds = [], [], []
+            base = start.get("base-shortcut" if v == "shortcut-ft" else "base")  # shortcut-ft's own chain
             if base:
                 xs.append(0.0)
-                ms.append(base[0]["metrics"][f"reward:{r0}"])
+                ms.append(base["metrics"][f"reward:{r0}"])
                 sds.append(0.0)
             for b in budgets:
                 m, sd = mean_std([r["metrics"][f"reward:{r0}"] for r in results if r["variant"] == v
@@ -354,7 +367,7 @@ def plots(results: list[dict], rewards: list[str], s: dict, folder: Path, stem: 
         path = folder / f"{stem}_heldout_{r0}_vs_time.png"
         fig.savefig(path)
         plt.close(fig)
-        figs[f"held-out {r0} vs training wall-clock (budget 0 = base model)"] = path
+        figs[f"held-out {r0} vs training wall-clock (budget 0 = the untuned model; for shortcut-ft the shortcut model on its own chain)"] = path
     for reward in rewards:
         runs = [r for r in results if r["reward"] == reward and r["kind"] == "time" and r["history"]
                 and r["budget"] == s["time_budget"]]
@@ -426,14 +439,16 @@ def verdicts(results: list[dict], rewards: list[str], s: dict) -> list[str]:
 
 
 def table(results: list[dict], variants: list[str], reward: str, kind: str, budget, rewards: list[str],
-          world: bool, base: dict | None) -> list[str]:
+          world: bool, bases: list[tuple[str, dict | None]] = ()) -> list[str]:
     head = ["method", f"held-out {reward} ↑"] + [f"{r} ↑" for r in rewards if r != reward] + \
            (["fidelity ↑"] if world else []) + ["asymmetry ↓", "JPEG kB", "steps", "s/it", "UNet calls",
                                                 "graph calls/it", "train s", "seeds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if base:
+    for label, base in bases:
+        if base is None:
+            continue
         m = base["metrics"]
-        cells = ["base (no fine-tuning)", f"{m[f'reward:{reward}']:.3f}"] + \
+        cells = [label, f"{m[f'reward:{reward}']:.3f}"] + \
                 [f"{m[f'reward:{r}']:.3f}" for r in rewards if r != reward] + \
                 ([f"{m['fidelity']:.3f}"] if world else []) + \
                 [f"{m['asymmetry']:.3f}", f"{m['jpeg_kb']:.2f}", "0", "", "0", "", "0", "-"]
@@ -454,6 +469,7 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
            seconds: float, skipped: list[str] = ()) -> str:
     world = spec.model == "world"
     base = next((r for r in results if r["variant"] == "base"), None)
+    base_sc = next((r for r in results if r["variant"] == "base-shortcut"), None)
     lines = ["# Results: ShortFT and its baselines at equal compute on the embedded world"
              if world else f"# Results: ShortFT and its baselines at equal compute ({spec.label})", "",
              f"Written by `{command}` on {now()} in {seconds / 60:.1f} minutes.", "",
@@ -488,18 +504,21 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
         for reward in rewards:
             lines += [f"### trained on `{reward}`", ""] + \
                      table(results, [v for v in TABLE1 if v in s["variants"]], reward, kind, budget, rewards,
-                           world, base) + [""]
+                           world, [("base (no fine-tuning)", base)]) + [""]
         lines += [f"### Table 3 shape: ablations ({title})", ""]
         for reward in rewards:
             lines += [f"trained on `{reward}`:", ""] + \
                      table(results, [v for v in ABLATIONS if v in s["variants"]], reward, kind, budget, rewards,
-                           world, None) + [""]
+                           world) + [""]
         lines += [f"### Table 2 shape: fine-tune the base (shortft) vs the shortcut model (shortcut-ft) "
-                  f"({title})", ""]
+                  f"({title})", "", "shortft samples with the original 50-step chain; shortcut-ft samples with "
+                  "the shortcut's own few-step chain, so each has its own untuned starting point (the two "
+                  "base rows).", ""]
         for reward in rewards:
             lines += [f"trained on `{reward}`:", ""] + \
                      table(results, [v for v in TABLE2 if v in s["variants"]], reward, kind, budget, rewards,
-                           world, None) + [""]
+                           world, [("base, 50-step chain", base),
+                                   ("shortcut model, its few-step chain", base_sc)]) + [""]
     if figs:
         lines += ["## Figures", ""]
         for title, path in figs.items():
