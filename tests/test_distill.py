@@ -14,7 +14,18 @@ from shortft import lora
 from shortft.backends import SDBackend
 from shortft.chain import END, Step, run_plan
 from shortft.cli import main
-from shortft.distill import EMA, STUDENT, TSCD, DistillConfig, build_pool, ema_update, fidelity, segment_layout
+from shortft.distill import (
+    EMA,
+    STUDENT,
+    TSCD,
+    DistillConfig,
+    build_pool,
+    distill,
+    ema_update,
+    fidelity,
+    learning_rate,
+    segment_layout,
+)
 
 SMALL = dict(num_steps=10, segments=2, pool=4, batch_size=2, rank=4, guidance=5.0)
 
@@ -37,6 +48,20 @@ def test_segment_layout_matches_shortft_jumps(backend):
     assert layout[0]["train"][0] == 0 and layout[-1]["train"][-1] == 48
     with pytest.raises(ValueError, match="segments"):
         segment_layout(ts[:4], 4)
+
+
+def test_learning_rate_warms_up_then_decays_by_steps_or_time():
+    flat = DistillConfig(lr=1.0, warmup=10, steps=100)
+    assert learning_rate(flat, 0, 0.0) == pytest.approx(0.1)
+    assert learning_rate(flat, 99, 1e9) == 1.0  # constant: time and steps do not matter
+    cos = DistillConfig(lr=1.0, warmup=10, steps=100, decay="cosine")
+    assert learning_rate(cos, 50, 0.0) == pytest.approx(0.5)  # half-way through the steps
+    assert learning_rate(cos, 100, 0.0) == pytest.approx(0.0, abs=1e-12)
+    timed = DistillConfig(lr=1.0, warmup=10, steps=1000, decay="cosine", time_budget=60.0)
+    assert learning_rate(timed, 20, 30.0) == pytest.approx(0.5)  # the time budget ends first
+    assert learning_rate(timed, 500, 1.0) == pytest.approx(0.5)  # the step count ends first
+    with pytest.raises(ValueError, match="decay 'linear' not in"):
+        distill(DistillConfig(out="x.safetensors", decay="linear"))
 
 
 def _tscd(tiny, **kw):

@@ -74,7 +74,8 @@ class DistillConfig:
     num_steps: int = 50  # DDIM grid of the teacher and of ShortFT's chain; edges snap to it
     steps: int = 2000  # optimiser steps
     batch_size: int = 8  # rows per segment per step (every step trains all k segments)
-    lr: float = 1e-3  # AdamW learning rate (constant after a short warm-up)
+    lr: float = 1e-3  # AdamW peak learning rate (reached after --warmup steps)
+    decay: str = "none"  # learning rate after warm-up: none (constant) or cosine (to 0 at --steps or --time-budget, whichever ends first)
     rank: int = 8  # LoRA rank (file size grows linearly)
     targets: str = "attn_ff"  # LoRA layers: attn_ff (attention + feed-forward, as Hyper-SD) or all (+ resnets, proj)
     guidance: float = 0.0  # teacher CFG; 0 = the model's ShortFT default (world 5, other models 7.5)
@@ -97,6 +98,7 @@ class DistillConfig:
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads"}
 DTYPES = ("fp32", "fp16", "bf16")
+DECAYS = ("none", "cosine")
 _ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # = shortft.lora.ATTN_FF_TARGETS
 TARGETS = {"attn_ff": _ATTN_FF,  # the CFG-free student must also learn what guidance adds: "all" gives it more room
            "all": _ATTN_FF + ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")}
@@ -123,6 +125,18 @@ def model_defaults(model: str) -> dict:
 
     preset = {**asdict(TrainConfig()), **PRESETS["world" if model == "world" else "sd15"]}
     return {"guidance": preset["guidance"], "prompts": preset["prompts"], "eval_prompts": preset["eval_prompts"]}
+
+
+def learning_rate(cfg: DistillConfig, step: int, elapsed: float) -> float:
+    """Linear warm-up to cfg.lr, then constant or a cosine to 0. The cosine follows whichever runs out
+    first, the step count or the time budget, so a time-budgeted run still ends at a low rate."""
+    lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+    if cfg.decay == "cosine":
+        progress = step / max(1, cfg.steps)
+        if cfg.time_budget:
+            progress = max(progress, elapsed / cfg.time_budget)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return lr
 
 
 def segment_layout(timesteps: list[int], k: int) -> list[dict]:
@@ -336,6 +350,8 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
         raise ValueError(f"targets {cfg.targets!r} not in {list(TARGETS)}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype {cfg.dtype!r} not in {list(DTYPES)}")
+    if cfg.decay not in DECAYS:
+        raise ValueError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
     if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 0 or cfg.pool < 1:
         raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 0, pool >= 1")
@@ -401,7 +417,7 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
             print(f"distill: time budget of {cfg.time_budget:.0f} s reached at step {step}")
             break
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup))
+            group["lr"] = learning_rate(cfg, step, elapsed)
         loss, per_segment = tscd.loss(tscd.draw(rng, generator))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
