@@ -1,6 +1,7 @@
 """World pretraining code on tiny configs: the real tokenizer, and a few optimisation steps of each
 part lower its loss and write folders that load through diffusers/transformers."""
 
+import dataclasses
 import shutil
 
 import open_clip
@@ -59,3 +60,30 @@ def test_vae_unet_clip_train_and_save(tiny_out):
     first, last = _first_last(losses, 10)
     assert last < first, (first, last)
     assert isinstance(CLIPModel.from_pretrained(cfg.out / "clip"), CLIPModel)
+
+
+def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
+    """unet_text="clip": the UNet cross-attends to the world CLIP's text tower, which stays frozen and is
+    saved as the model's text encoder."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPModel, CLIPTextModel
+
+    base, _ = tiny_out
+    cfg = dataclasses.replace(base, unet_text="clip", out=base.out.parent / "assets-clip-text")
+    shutil.copytree(base.out, cfg.out)
+    cfg.vae_steps, cfg.clip_steps, cfg.unet_steps = 2, 2, 40
+    if not (cfg.out / "model" / "vae").is_dir():
+        P.pretrain_vae(cfg)
+    P.pretrain_clip(cfg)
+    tower = CLIPModel.from_pretrained(cfg.out / "clip").text_model.state_dict()
+    unet, text, losses = P.pretrain_unet(cfg)
+    first, last = _first_last(losses, 10)
+    assert last < first, (first, last)
+    assert unet.config.cross_attention_dim == text.config.hidden_size == 16  # the tiny CLIP's text width
+    saved = CLIPTextModel.from_pretrained(cfg.out / "model" / "text_encoder").state_dict()
+    assert saved.keys() == tower.keys()
+    for k in tower:  # frozen: the shipped text encoder is the CLIP tower (fp16 round trip)
+        assert torch.allclose(saved[k].float(), tower[k].float(), atol=1e-2), k
+    assert UNet2DConditionModel.from_pretrained(cfg.out / "model" / "unet").config.cross_attention_dim == 16
+    with pytest.raises(ValueError, match="unet_text='frozen'; valid"):
+        P.run_pretrain(dataclasses.replace(cfg, unet_text="frozen"), "unet")

@@ -48,6 +48,7 @@ class PretrainConfig:
     unet_ema: float = 0.999  # EMA decay of the shipped weights
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
+    unet_text: str = "joint"  # the UNet's text encoder: joint (a CLIPTextModel trained with it) or clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's)
     # CLIP preference model
     clip_steps: int = 1000  # ~7 min at 1 thread
     clip_batch: int = 64
@@ -202,24 +203,26 @@ def pretrain_vae(cfg: PretrainConfig):
 
 # --------------------------------------------------------------------------------------- entry point
 def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
-    """Build `part` ('tokenizer', 'vae', 'unet', 'vae_decoder', 'clip' or 'all', in that order).
+    """Build `part` ('tokenizer', 'vae', 'clip', 'unet', 'vae_decoder' or 'all', in that order).
     The UNet only sees the VAE encoder's latents, so the decoder can be refined afterwards (or at
     the same time, in another process) without changing what the UNet learned."""
     valid = ("tokenizer", "vae", "unet", "vae_decoder", "clip", "all")
     if part not in valid:
         raise ValueError(f"part={part!r}; valid: {list(valid)}")
+    if cfg.unet_text not in UNET_TEXT:
+        raise ValueError(f"unet_text={cfg.unet_text!r}; valid: {list(UNET_TEXT)}")
     t0 = time.time()
     if part in ("tokenizer", "all"):
         build_tokenizer(cfg.out / "model" / "tokenizer")
         build_tokenizer(cfg.out / "clip")
     if part in ("vae", "all"):
         pretrain_vae(cfg)
+    if part in ("clip", "all"):  # before the UNet: with unet_text="clip" its text tower is the UNet's encoder
+        pretrain_clip(cfg)
     if part in ("unet", "all"):
         pretrain_unet(cfg)
     if part in ("vae_decoder", "all"):
         pretrain_vae_decoder(cfg)
-    if part in ("clip", "all"):
-        pretrain_clip(cfg)
     print(f"pretrain {part}: {time.time() - t0:.0f} s")
 
 
@@ -342,19 +345,33 @@ def _latent_pool(vae, n: int, seed: int, tok) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means), torch.cat(stds), ids
 
 
-def pretrain_unet(cfg: PretrainConfig):
-    """Train CLIPTextModel + UNet2DConditionModel jointly (epsilon prediction, SD 1.5 schedule)."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+UNET_TEXT = ("joint", "clip")
+
+
+def text_encoder(cfg: PretrainConfig):
+    """The UNet's text encoder and whether it trains: a fresh CLIPTextModel trained jointly with the
+    UNet, or the world CLIP's text tower (cfg.out/clip, which pretrain_clip writes first), frozen."""
     from transformers import CLIPTextConfig, CLIPTextModel
+
+    if cfg.unet_text == "clip":
+        text = CLIPTextModel.from_pretrained(cfg.out / "clip", torch_dtype=torch.float32)  # the tower of a CLIPModel
+        return text.requires_grad_(False).eval(), False
+    return CLIPTextModel(CLIPTextConfig(**text_config(cfg.tiny))), True
+
+
+def pretrain_unet(cfg: PretrainConfig):
+    """Train UNet2DConditionModel (epsilon prediction, SD 1.5 schedule) with its text encoder: trained
+    jointly, or frozen (cfg.unet_text)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     model_dir = cfg.out / "model"
     tok = load_tokenizer(model_dir / "tokenizer")
     vae = AutoencoderKL.from_pretrained(model_dir / "vae", torch_dtype=torch.float32).eval()
     scale = vae.config.scaling_factor
     torch.manual_seed(cfg.seed)
-    text = CLIPTextModel(CLIPTextConfig(**text_config(cfg.tiny)))
+    text, text_trains = text_encoder(cfg)
     unet = UNet2DConditionModel(**unet_config(cfg.tiny, text.config.hidden_size))
-    params = list(text.parameters()) + list(unet.parameters())
+    params = (list(text.parameters()) if text_trains else []) + list(unet.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)  # fused: 10x faster step on CPU
     ema = [p.detach().clone() for p in params]
     ckpt = cfg.work_dir / "unet.pt"
@@ -375,7 +392,7 @@ def pretrain_unet(cfg: PretrainConfig):
     snr = acp / (1 - acp)
     print(
         f"unet: {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, text encoder "
-        f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f} M; {cfg.unet_steps} steps x batch "
+        f"{sum(p.numel() for p in text.parameters()) / 1e6:.2f} M ({cfg.unet_text}); {cfg.unet_steps} steps x batch "
         f"{cfg.unet_batch}; latent pool {len(pool_mean)}; scaling {scale:.4f}"
     )
     g = torch.Generator().manual_seed(cfg.seed + 7)
@@ -396,7 +413,8 @@ def pretrain_unet(cfg: PretrainConfig):
         noise = torch.randn(x0.shape, generator=g)
         a = acp[t].view(b, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        context = text(ids).last_hidden_state  # (B, L, D)
+        with torch.set_grad_enabled(text_trains):
+            context = text(ids).last_hidden_state  # (B, L, D)
         eps = unet(xt, t, encoder_hidden_states=context).sample
         # Epsilon-MSE hardly penalises a wrong layout at high noise (x0's share of eps is sqrt(SNR));
         # weight 1 + min(1/SNR, gamma) gives those steps an x0-like weight, like v-prediction's loss.
@@ -462,15 +480,14 @@ def save_checkpoint_as_model(cfg: PretrainConfig, ckpt: Path, model_dir: Path, u
     import shutil
 
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     s = torch.load(ckpt, weights_only=False)
-    text = CLIPTextModel(CLIPTextConfig(**text_config(cfg.tiny)))
+    text, text_trains = text_encoder(cfg)
     unet = UNet2DConditionModel(**unet_config(cfg.tiny, text.config.hidden_size))
     text.load_state_dict(s["text"])
     unet.load_state_dict(s["unet"])
     if use_ema:
-        params = list(text.parameters()) + list(unet.parameters())
+        params = (list(text.parameters()) if text_trains else []) + list(unet.parameters())
         with torch.no_grad():
             for e, p in zip(s["ema"], params):
                 p.copy_(e)
