@@ -101,3 +101,20 @@ def test_two_step_train_on_the_shipped_world(tmp_path):
     for when in ("before", "after"):
         assert set(summary[when]["fidelity"]) >= {"shape", "colour", "size", "position", "background"}
     assert summary["steps"] == 2
+
+
+def test_probe_separates_the_vae_the_text_and_the_unet():
+    """The probe behind docs/world.md's diagnosis of position: captions differ in one phrase only, the
+    VAE carries position (the evaluator reads it back from every reconstruction), and changing a word
+    moves the text features."""
+    from shortft.world.probe import _captions, probe
+
+    caps, values, recoloured = _captions("position")
+    assert len(caps) == len(values) == 5 and len(set(caps)) == 5
+    assert all(c.replace(p, "") == caps[0].replace("on the left", "")
+               for c, p in zip(caps, ["on the left", "on the right", "at the top", "at the bottom", "in the center"]))
+    assert recoloured == caps[0].replace("red", "green")
+    r = probe(attribute="position", noises=1)
+    assert r["vae_readback"] == 1.0
+    assert r["text_moved_colour"] > 1.0 and min(r["text_moved"].values()) > 0
+    assert set(r["samples"]) == set(values) and all(len(v) == 1 for v in r["samples"].values())
