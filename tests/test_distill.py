@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
+from safetensors.torch import load_file
 
 from shortft import lora
 from shortft.backends import SDBackend
@@ -139,6 +140,13 @@ def test_cli_writes_a_shortcut_that_loads_both_ways_and_resumes(tiny, tmp_path, 
     assert "resuming" in capsys.readouterr().out
     assert [h["step"] for h in json.loads((work / "distill.json").read_text())["history"]] == [1, 2, 3]
     assert main([*args, "--rank", "2"]) == 2  # a different config does not silently resume
+    half = tmp_path / "sc16.safetensors"  # resuming a finished run only rewrites the file, here in fp16
+    assert main([*args[:args.index("--out") + 1], str(half), *args[args.index("--out") + 2:], "--steps", "3",
+                 "--save-dtype", "fp16"]) == 0
+    full16, full32 = load_file(half), load_file(out)
+    assert full16.keys() == full32.keys() and {v.dtype for v in full16.values()} == {torch.float16}
+    for k in full32:
+        torch.testing.assert_close(full16[k].float(), full32[k], atol=1e-3, rtol=1e-3)
 
     ours = SDBackend.load(tiny["model"])
     lora.load_lora(ours.unet, out, STUDENT)

@@ -91,12 +91,13 @@ class DistillConfig:
     checkpoint_every: int = 50  # steps between checkpoints in work_dir (an interrupted run resumes there)
     work_dir: str = ""  # checkpoints, pool and log; "" = runs/distill-<out stem>
     dtype: str = "fp32"  # frozen weights: fp32, fp16 or bf16 (the LoRA trains in fp32)
+    save_dtype: str = "fp32"  # tensors of the written file: fp32, fp16 or bf16 (the world's shortcut ships in fp16)
     device: str = ""  # "" = cuda if available, else cpu
     threads: int = 0  # CPU threads for torch; 0 = torch's default (on a shared CPU, 1 is often faster)
 
 
 # Config fields that may change between an interrupted run and its resume.
-RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads"}
+RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}
 DTYPES = ("fp32", "fp16", "bf16")
 DECAYS = ("none", "cosine")
 _ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # = shortft.lora.ATTN_FF_TARGETS
@@ -348,11 +349,13 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
         raise ValueError("distill needs --out FILE.safetensors")
     if cfg.targets not in TARGETS:
         raise ValueError(f"targets {cfg.targets!r} not in {list(TARGETS)}")
-    if cfg.dtype not in DTYPES:
-        raise ValueError(f"dtype {cfg.dtype!r} not in {list(DTYPES)}")
+    for name in ("dtype", "save_dtype"):
+        if getattr(cfg, name) not in DTYPES:
+            raise ValueError(f"{name} {getattr(cfg, name)!r} not in {list(DTYPES)}")
     if cfg.decay not in DECAYS:
         raise ValueError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.dtype]
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    dtype = torch_dtypes[cfg.dtype]
     if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 0 or cfg.pool < 1:
         raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 0, pool >= 1")
     defaults = model_defaults(cfg.model)
@@ -435,7 +438,7 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     bar.close()
     steps_done = history[-1]["step"] if history else 0
     save_checkpoint(ckpt, unet, optimizer, steps_done, history, cfg, rng, generator)
-    out = lora.save_lora(unet, STUDENT, cfg.out)
+    out = lora.save_lora(unet, STUDENT, cfg.out, dtype=torch_dtypes[cfg.save_dtype])
     log = {"config": asdict(cfg), "guidance": guidance, "steps_done": steps_done, "train_seconds": elapsed,
            "pool_seconds": pool_seconds, "edges": [ts[s["edge"]] for s in layout], "history": history}
     (work / "distill.json").write_text(json.dumps(log, indent=1))

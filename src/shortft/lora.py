@@ -132,13 +132,14 @@ def lora_state_dict(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]
     return {f"unet.{k}": v.detach().clone() for k, v in sd.items()}
 
 
-def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike) -> Path:
-    """Write adapter `name` as a diffusers LoRA safetensors file with its LoraConfig as metadata."""
+def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
+    """Write adapter `name` as a diffusers LoRA safetensors file with its LoraConfig as metadata, its
+    tensors in `dtype` (fp16 halves the file; loaders cast to the UNet's dtype)."""
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    layers = {k[len("unet."):]: v.to(torch.float32) for k, v in lora_state_dict(unet, name).items()}
+    layers = {k[len("unet."):]: v.to(dtype) for k, v in lora_state_dict(unet, name).items()}
     config = unet.peft_config[name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     tmp = path.with_name(path.name + ".tmp")
