@@ -2,6 +2,7 @@
 part lower its loss and write folders that load through diffusers/transformers."""
 
 import dataclasses
+import json
 import shutil
 
 import open_clip
@@ -87,3 +88,28 @@ def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
     assert UNet2DConditionModel.from_pretrained(cfg.out / "model" / "unet").config.cross_attention_dim == 16
     with pytest.raises(ValueError, match="unet_text='frozen'; valid"):
         P.run_pretrain(dataclasses.replace(cfg, unet_text="frozen"), "unet")
+
+
+def test_shortcut_part_distils_the_finished_model(tiny_out):
+    """`world pretrain --part shortcut` runs `shortft distill` on the model it just built and writes an
+    fp16 diffusers LoRA next to it that loads as ShortFT's shortcut; the model's own files are untouched."""
+    from safetensors.torch import load_file
+
+    from shortft import lora
+    from shortft.backends import SDBackend
+
+    cfg, _ = tiny_out
+    if not (cfg.out / "model" / "unet").is_dir():
+        P.pretrain_vae(cfg)
+        P.pretrain_unet(cfg)
+    before = {f: f.read_bytes() for f in (cfg.out / "model").rglob("*.safetensors")}
+    P.run_pretrain(cfg, "shortcut")
+    assert {f: f.read_bytes() for f in (cfg.out / "model").rglob("*.safetensors")} == before
+    sd = load_file(cfg.out / "shortcut.safetensors")
+    assert sd and {v.dtype for v in sd.values()} == {torch.float16}
+    log = json.loads((cfg.work_dir / "shortcut" / "distill.json").read_text())
+    assert log["steps_done"] == 3 and log["guidance"] == 5.0
+    assert (log["config"]["decay"], log["config"]["student_guidance"], log["config"]["teacher_steps"]) == ("cosine", 5.0, 0)
+    backend = SDBackend.load(str(cfg.out / "model"))
+    lora.load_lora(backend.unet, cfg.out / "shortcut.safetensors", "shortcut")
+    assert "shortcut" in backend.unet.peft_config

@@ -1,4 +1,5 @@
-"""Pretrain every asset of the embedded world from scratch: tokenizer, VAE, text encoder + UNet, CLIP.
+"""Pretrain every asset of the embedded world from scratch: tokenizer, VAE, CLIP, text encoder + UNet,
+VAE decoder refinement, and the shortcut (by `shortft distill`).
 
 Each part is one function `pretrain_<part>(cfg)` that reads only the world generator (and, for the
 UNet, the VAE it already saved) and writes a `save_pretrained` folder. Long parts checkpoint to
@@ -54,6 +55,9 @@ class PretrainConfig:
     clip_batch: int = 64
     clip_lr: float = 1e-3
     clip_hard_negatives: int = 2  # one-attribute-wrong captions per image in each batch
+    # shortcut (`shortft distill` with the settings that made the shipped file, docs/distill.md)
+    shortcut_steps: int = 10000  # distillation step cap; on 2 CPU cores the time budget ends it first
+    shortcut_seconds: float = 3600.0  # distillation time budget; the cosine learning rate reaches 0 there
 
     def __post_init__(self) -> None:
         self.out, self.work_dir = Path(self.out), Path(self.work_dir)
@@ -61,6 +65,7 @@ class PretrainConfig:
             self.vae_steps, self.unet_steps, self.clip_steps, self.vae_decoder_steps = 4, 4, 4, 2
             self.vae_batch, self.unet_batch, self.clip_batch = 4, 4, 8
             self.unet_pool, self.unet_warmup = 16, 1
+            self.shortcut_steps, self.shortcut_seconds = 3, 0.0
 
 
 # ----------------------------------------------------------------------------------------- tokenizer
@@ -203,10 +208,10 @@ def pretrain_vae(cfg: PretrainConfig):
 
 # --------------------------------------------------------------------------------------- entry point
 def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
-    """Build `part` ('tokenizer', 'vae', 'clip', 'unet', 'vae_decoder' or 'all', in that order).
+    """Build `part` ('tokenizer', 'vae', 'clip', 'unet', 'vae_decoder', 'shortcut' or 'all', in that order).
     The UNet only sees the VAE encoder's latents, so the decoder can be refined afterwards (or at
     the same time, in another process) without changing what the UNet learned."""
-    valid = ("tokenizer", "vae", "unet", "vae_decoder", "clip", "all")
+    valid = ("tokenizer", "vae", "unet", "vae_decoder", "clip", "shortcut", "all")
     if part not in valid:
         raise ValueError(f"part={part!r}; valid: {list(valid)}")
     if cfg.unet_text not in UNET_TEXT:
@@ -223,6 +228,8 @@ def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
         pretrain_unet(cfg)
     if part in ("vae_decoder", "all"):
         pretrain_vae_decoder(cfg)
+    if part in ("shortcut", "all"):  # last: it distils the finished model
+        pretrain_shortcut(cfg)
     print(f"pretrain {part}: {time.time() - t0:.0f} s")
 
 
@@ -496,6 +503,21 @@ def save_checkpoint_as_model(cfg: PretrainConfig, ckpt: Path, model_dir: Path, u
             shutil.copytree(cfg.out / "model" / sub, Path(model_dir) / sub, dirs_exist_ok=True)
     save_world_model(Path(model_dir), unet, text)
     print(f"checkpoint step {s['step']}")
+
+
+# ---------------------------------------------------------------------------------------- shortcut
+def pretrain_shortcut(cfg: PretrainConfig) -> Path:
+    """The world's 4-segment shortcut: `shortft distill` on the finished model with the settings of the
+    shipped file (teacher straight to the segment edge, CFG-5 teacher and student, cosine decay, fp16
+    file). Equivalent command: see docs/distill.md."""
+    from shortft.distill import DistillConfig, distill
+
+    small = dict(num_steps=10, segments=2, batch_size=2, rank=4, pool=4) if cfg.tiny else dict(pool=1024)
+    return distill(DistillConfig(
+        model=str(cfg.out / "model"), out=str(cfg.out / "shortcut.safetensors"), steps=cfg.shortcut_steps,
+        time_budget=cfg.shortcut_seconds, decay="cosine", teacher_steps=0, noised_fraction=0.0, guidance=5.0,
+        student_guidance=5.0, prompts="world-train", save_dtype="fp16", seed=cfg.seed,
+        work_dir=str(cfg.work_dir / "shortcut"), **small))
 
 
 # -------------------------------------------------------------------------- CLIP preference model
