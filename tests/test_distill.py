@@ -180,6 +180,12 @@ def test_fidelity_of_the_teachers_exact_solver_is_zero(backend):
     for r in res["segments"]:
         assert r["shortcut_rmse"] < 1e-5 and r["naive_rmse"] > 1e-3
     assert res["k_step"]["latent"]["shortcut_rmse"] < 1e-5 and res["k_step"]["latent"]["naive_rmse"] > 1e-3
+    m = res["k_step"]["latent_per_sample"]
+    assert len(m["shortcut"]) == 3 and max(m["shortcut"]) < 1e-5 and m["shortcut_off"] == 0
+    assert m["naive_median"] == sorted(m["naive"])[1] > 1e-3
+    # the per-sample RMSEs make up the pooled one (equal-sized samples)
+    pooled = (sum(e ** 2 for e in m["naive"]) / 3) ** 0.5
+    assert abs(pooled - res["k_step"]["latent"]["naive_rmse"]) < 1e-4 * pooled
     assert res["k_step"]["timesteps"] == [951, 751, 501, 251]
     assert res["images"]["teacher"].shape == (3, 3, 16, 16)
 

@@ -501,6 +501,7 @@ def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int
     sq = {"jump": [[0.0, 0.0] for _ in layout], "k_latent": [0.0, 0.0], "k_pixel": [0.0, 0.0]}  # [shortcut, naive]
     count = {"jump": 0, "latent": 0, "pixel": 0}
     images = {"teacher": [], "shortcut": [], "naive": []}
+    per_sample = {"shortcut": [], "naive": []}  # latent RMSE of each k-step sample: shows rare mode flips
     for i in range(0, len(prompts), batch_size):
         p, s = prompts[i:i + batch_size], seeds[i:i + batch_size]
         cond, uncond = backend.encode_prompts(p), backend.encode_prompts([""] * len(p))
@@ -520,6 +521,7 @@ def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int
             img = backend.decode(x)
             images[name].append(img.cpu())
             sq["k_latent"][w] += float(((x - traj[:, -1]) ** 2).sum())
+            per_sample[name] += ((x - traj[:, -1]) ** 2).flatten(1).mean(1).sqrt().tolist()
             sq["k_pixel"][w] += float(((img - ref_img) ** 2).sum())
         count["latent"] += traj[:, -1].numel()
         count["pixel"] += ref_img.numel()
@@ -536,6 +538,13 @@ def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int
         "num_samples": len(prompts), "num_steps": num_steps, "guidance": guidance,
     }
     result["jump_ratio_max"] = max(r["ratio"] for r in result["segments"])
+    med = {k: float(torch.tensor(v).median()) for k, v in per_sample.items()}
+    result["k_step"]["latent_per_sample"] = {
+        "shortcut_median": med["shortcut"], "naive_median": med["naive"],
+        "median_ratio": med["shortcut"] / med["naive"] if med["naive"] > 0 else float("nan"),
+        # a sample the shortcut sends elsewhere: further from the teacher than the naive sampler's median
+        "shortcut_off": sum(e > med["naive"] for e in per_sample["shortcut"]), "shortcut": per_sample["shortcut"],
+        "naive": per_sample["naive"]}
     result["images"] = {k: torch.cat(v) for k, v in images.items()}  # removed before JSON
     return result
 
@@ -589,6 +598,10 @@ def format_table(res: dict) -> str:
     for space in ("latent", "pixel"):
         r = k[space]
         lines.append(f"| {space} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
+    m = k["latent_per_sample"]
+    lines += ["", f"per-sample latent RMSE, median: shortcut {m['shortcut_median']:.4f}, naive {m['naive_median']:.4f} "
+              f"(ratio {m['median_ratio']:.3f}); shortcut samples further off than the naive median: "
+              f"{m['shortcut_off']} of {len(m['shortcut'])}"]
     return "\n".join(lines)
 
 
