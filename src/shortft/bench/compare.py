@@ -43,7 +43,7 @@ WANTED_REWARDS = ("world_clip", "symmetry", "compressibility")  # issue 6's thre
 # for the held-out-reward-vs-wall-clock plot; the base model is its point at 0 s. Sizes are set by what fits
 # on 2 idle CPU cores: a run costs its budget plus ~9 s of fixed work (model loads, train's own before/after
 # evaluation, saving, the held-out evaluation of 8 images), about 12 s for a 3-s run. So --quick keeps every
-# row of Tables 1-3 and 3 seeds on one reward and one budget kind (31 runs); --full runs all three rewards and
+# row of Tables 1-3 and 3 seeds on one reward and one budget kind (32 runs with the untuned-shortcut row); --full runs all three rewards and
 # both budget kinds (181 runs). These budgets give each method only a few optimiser steps: they test the
 # harness and the accounting; a comparison worth reading needs a larger --time-budget (see docs/RESULTS.md).
 PRESETS = {
@@ -201,7 +201,7 @@ def add_parser(bsub) -> None:
                         description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="every variant, the first reward, 3 seeds, a 3-s time budget (31 runs, 5.8 min measured on 2 idle CPU cores)")
+                   help="every variant, the first reward, 3 seeds, a 3-s time budget (32 runs, 6.0 min measured on 2 idle CPU cores)")
     g.add_argument("--full", dest="preset", action="store_const", const="full",
                    help="every variant and reward, 3 seeds, 6 s and 200 UNet calls (181 runs, 52.3 min measured on 2 idle CPU cores)")
     p.add_argument("--model", default="world", help="world | tiny | small | a diffusers folder")
