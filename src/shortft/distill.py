@@ -98,7 +98,7 @@ class DistillConfig:
 
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}
-DTYPES = ("fp32", "fp16", "bf16")
+DTYPES = ("fp32", "fp16", "bf16")  # the keys of shortft.train.DTYPES (not imported here: it pulls in torch)
 DECAYS = ("none", "cosine")
 _ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # = shortft.lora.ATTN_FF_TARGETS
 TARGETS = {"attn_ff": _ATTN_FF,  # the CFG-free student must also learn what guidance adds: "all" gives it more room
@@ -344,6 +344,7 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     from shortft import lora
     from shortft.backends import SDBackend
     from shortft.prompts import load_prompts
+    from shortft.train import DTYPES as TORCH_DTYPES
 
     if not cfg.out:
         raise ValueError("distill needs --out FILE.safetensors")
@@ -354,8 +355,7 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
             raise ValueError(f"{name} {getattr(cfg, name)!r} not in {list(DTYPES)}")
     if cfg.decay not in DECAYS:
         raise ValueError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
-    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    dtype = torch_dtypes[cfg.dtype]
+    dtype = TORCH_DTYPES[cfg.dtype]
     if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 0 or cfg.pool < 1:
         raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 0, pool >= 1")
     defaults = model_defaults(cfg.model)
@@ -438,7 +438,7 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     bar.close()
     steps_done = history[-1]["step"] if history else 0
     save_checkpoint(ckpt, unet, optimizer, steps_done, history, cfg, rng, generator)
-    out = lora.save_lora(unet, STUDENT, cfg.out, dtype=torch_dtypes[cfg.save_dtype])
+    out = lora.save_lora(unet, STUDENT, cfg.out, dtype=TORCH_DTYPES[cfg.save_dtype])
     log = {"config": asdict(cfg), "guidance": guidance, "steps_done": steps_done, "train_seconds": elapsed,
            "pool_seconds": pool_seconds, "edges": [ts[s["edge"]] for s in layout], "history": history}
     (work / "distill.json").write_text(json.dumps(log, indent=1))
