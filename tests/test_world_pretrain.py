@@ -45,6 +45,7 @@ def test_vae_unet_clip_train_and_save(tiny_out):
     cfg, _ = tiny_out
     torch.manual_seed(0)
     cfg.vae_steps, cfg.unet_steps, cfg.clip_steps = 60, 60, 40
+    cfg.unet_text = "joint"  # the jointly trained text encoder (the next test covers the frozen CLIP tower)
     vae, losses = P.pretrain_vae(cfg)
     first, last = _first_last(losses, 10)
     assert last < 0.8 * first, (first, last)

@@ -7,12 +7,15 @@ from shortft.world.evaluator import prompt_fidelity, read_attributes
 from shortft.world.scenes import (
     ATTRIBUTES,
     HELDOUT_PAIRS,
+    POSITIONS,
     TEMPLATES,
     Scene,
     all_compositions,
     caption,
+    nearest_colour,
     parse_prompt,
     prompt_split,
+    random_colours,
     render,
     sample_scenes,
 )
@@ -75,3 +78,20 @@ def test_templates_and_errors():
         Scene("circle", "pink", "small", "left", "black")
     with pytest.raises(ValueError, match="split='test'"):
         sample_scenes(1, "test")
+
+
+def test_random_colours_recolour_the_object_but_never_make_a_heldout_pair():
+    """The VAE's colour augmentation: the object takes the given RGB, the rest of the image is the
+    scene's; no random colour is one the evaluator would read as a held-out pair with the shape."""
+    scenes = sample_scenes(400, "train", seed=2)
+    g = torch.Generator().manual_seed(0)
+    rgb = random_colours(scenes, g)
+    assert rgb.shape == (400, 3) and len(set(nearest_colour(rgb))) == 6  # every palette region is drawn
+    assert not any((s.shape, c) in HELDOUT_PAIRS for s, c in zip(scenes, nearest_colour(rgb)))
+    palette = torch.tensor([[0.90, 0.10, 0.10]] * 4)
+    red = [Scene(s.shape, "red", s.size, s.position, s.background, s.dx, s.dy) for s in scenes[:4]]
+    assert torch.equal(render(scenes[:4], palette), render(red))  # an override equal to a palette colour
+    x = render(scenes[:4], rgb[:4])
+    centre = [x[i, :, int(POSITIONS[s.position][1] + s.dy), int(POSITIONS[s.position][0] + s.dx)]
+              for i, s in enumerate(scenes[:4])]
+    assert torch.allclose(torch.stack(centre), rgb[:4])

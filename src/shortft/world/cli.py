@@ -26,8 +26,10 @@ def register(subparsers) -> None:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     pre.add_argument("--tiny", action="store_true", help="tiny networks, a few steps (tests)")
-    pre.add_argument("--unet-text", choices=("joint", "clip"), default="joint",
+    pre.add_argument("--unet-text", choices=("joint", "clip"), default="clip",
                      help="the UNet's text encoder: trained with it (joint) or the world CLIP's text tower, frozen")
+    pre.add_argument("--vae-random-colour", type=float, default=None,
+                     help="fraction of VAE images with a random object colour (default: PretrainConfig's)")
     pre.set_defaults(func=_pretrain)
 
     ev = sub.add_parser("eval", help="prompt fidelity of real images, model samples, CLIP ranking")
@@ -50,6 +52,8 @@ def _pretrain(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = PretrainConfig(out=args.out, work_dir=args.work_dir, seed=args.seed, tiny=args.tiny, unet_text=args.unet_text)
+    if args.vae_random_colour is not None:
+        cfg.vae_random_colour = args.vae_random_colour
     if args.steps is not None:
         if args.part == "all":
             raise SystemExit("--steps needs a single --part (tokenizer has none)")

@@ -20,7 +20,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import ASSETS
-from .scenes import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, Scene, caption, render, sample_scenes
+from .scenes import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    random_colours,
+    render,
+    sample_scenes,
+)
 
 MAX_TOKENS = 32  # longest caption is well under 20 CLIP tokens
 
@@ -33,12 +45,13 @@ class PretrainConfig:
     tiny: bool = False  # tiny networks and few steps: for tests
     threads: int = 0  # torch CPU threads (0 = torch default)
     # VAE
-    vae_steps: int = 500  # the shipped encoder: step 500 of an interrupted run (~6 min at 1.5 it/s, 1 thread); more is better
+    vae_steps: int = 3000  # ~11 min at 4.7 it/s alone on 2 threads; shape read back from reconstructions still rose at 1,500
     vae_batch: int = 16  # small batches trained faster than 32 per wall-clock minute
     vae_lr: float = 1e-3  # cosine-decayed to vae_lr_min
     vae_lr_min: float = 2e-4
     vae_object_weight: float = 8.0  # extra loss weight on object pixels: the background is trivial
     vae_kl: float = 1e-6  # tiny KL keeps the latent scale bounded; reconstruction uses the mean
+    vae_random_colour: float = 0.5  # fraction of VAE images whose object gets a random RGB colour (never one read as a held-out pair), so the codec does not tie shape to colour
     vae_decoder_steps: int = 2000  # decoder-only fine-tune with the encoder (the latent space) frozen (~18 min)
     # text encoder + UNet
     unet_steps: int = 5000  # ~55 min at 1 thread beside another job, ~38 min alone on 2 threads
@@ -49,7 +62,7 @@ class PretrainConfig:
     unet_ema: float = 0.999  # EMA decay of the shipped weights
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
-    unet_text: str = "joint"  # the UNet's text encoder: joint (a CLIPTextModel trained with it) or clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's)
+    unet_text: str = "clip"  # the UNet's text encoder: joint (a CLIPTextModel trained with it) or clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's)
     # CLIP preference model
     clip_steps: int = 1000  # ~7 min at 1 thread
     clip_batch: int = 64
@@ -57,7 +70,7 @@ class PretrainConfig:
     clip_hard_negatives: int = 2  # one-attribute-wrong captions per image in each batch
     # shortcut (`shortft distill` with the settings that made the shipped file, docs/distill.md)
     shortcut_steps: int = 10000  # distillation step cap; on 2 CPU cores the time budget ends it first
-    shortcut_seconds: float = 3600.0  # distillation time budget; the cosine learning rate reaches 0 there
+    shortcut_seconds: float = 1800.0  # distillation time budget; the cosine learning rate reaches 0 there
 
     def __post_init__(self) -> None:
         self.out, self.work_dir = Path(self.out), Path(self.work_dir)
@@ -143,6 +156,33 @@ def _object_weight(x: torch.Tensor, w: float) -> torch.Tensor:
     return 1.0 + w * (diff > 0.05).float()
 
 
+def _vae_images(cfg: PretrainConfig, seed: int) -> torch.Tensor:
+    """A VAE training batch of train-split scenes; a `vae_random_colour` fraction recoloured at random."""
+    scenes = sample_scenes(cfg.vae_batch, "train", seed=seed)
+    if cfg.vae_random_colour <= 0:
+        return render(scenes)
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.tensor([COLOURS[s.colour] for s in scenes])
+    swap = torch.rand(len(scenes), generator=g) < cfg.vae_random_colour
+    colours[swap] = random_colours(scenes, g)[swap]
+    return render(scenes, colours)
+
+
+@torch.no_grad()
+def vae_readback(vae, n: int = 64, seed: int = 3) -> dict[str, float]:
+    """Shape as the evaluator reads it from reconstructions of n real train and n held-out images: how much
+    shape the latent keeps (the UNet cannot draw what the decoder cannot)."""
+    from .evaluator import read_attributes
+
+    out = {}
+    for split in ("train", "heldout"):
+        scenes = sample_scenes(n, split, seed=seed)
+        rec = vae.decode(vae.encode(render(scenes) * 2 - 1).latent_dist.mean).sample
+        read = read_attributes(((rec + 1) / 2).clamp(0, 1))
+        out[split] = sum(r["shape"] == s.shape for r, s in zip(read, scenes)) / n
+    return out
+
+
 def _cosine_lr(step: int, total: int, lr: float, lr_min: float, warmup: int = 0) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -179,7 +219,7 @@ def pretrain_vae(cfg: PretrainConfig):
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _cosine_lr(step, cfg.vae_steps, cfg.vae_lr, cfg.vae_lr_min, warmup=100)
-        x = render(sample_scenes(cfg.vae_batch, "train", seed=cfg.seed * 1_000_003 + step))  # (B, 3, 64, 64)
+        x = _vae_images(cfg, seed=cfg.seed * 1_000_003 + step)  # (B, 3, 64, 64)
         post = vae.encode(x * 2 - 1).latent_dist
         rec = (vae.decode(post.mean).sample + 1) / 2  # reconstruct from the mean (sampling stalled)
         w = _object_weight(x, cfg.vae_object_weight)
@@ -193,6 +233,9 @@ def pretrain_vae(cfg: PretrainConfig):
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse, 1e-10)):.1f}")
         if (step + 1) % 250 == 0 and not cfg.tiny:
             _save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+            rb = vae_readback(vae)
+            tqdm.write(f"vae: step {step + 1} shape read back from reconstructions: "
+                       f"train {rb['train']:.3f}, held-out {rb['heldout']:.3f}")
     vae.eval()
     # Scaling factor: 1 / std of the posterior means over a fixed batch, as in SD (0.18215).
     with torch.no_grad():
@@ -259,7 +302,7 @@ def pretrain_vae_decoder(cfg: PretrainConfig):
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = _cosine_lr(step, cfg.vae_decoder_steps, cfg.vae_lr_min * 2, cfg.vae_lr_min * 0.2)
-        x = render(sample_scenes(cfg.vae_batch, "train", seed=cfg.seed * 1_000_003 + step + 2_000_000))
+        x = _vae_images(cfg, seed=cfg.seed * 1_000_003 + step + 2_000_000)
         with torch.no_grad():
             post = vae.encode(x * 2 - 1).latent_dist
             z = post.mean + (step % 2) * post.std * torch.randn(post.mean.shape, generator=g)
@@ -273,6 +316,9 @@ def pretrain_vae_decoder(cfg: PretrainConfig):
             bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse, 1e-10)):.1f}")
         if (step + 1) % 250 == 0 and not cfg.tiny:
             _save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+            rb = vae_readback(vae)
+            tqdm.write(f"vae decoder: step {step + 1} shape read back: train {rb['train']:.3f}, "
+                       f"held-out {rb['heldout']:.3f}")
     vae.to(torch.float16).save_pretrained(path, safe_serialization=True)
     print(f"vae decoder: saved to {path}")
     return vae

@@ -155,6 +155,24 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
     return out
 
 
+def nearest_colour(rgb: torch.Tensor) -> list[str]:
+    """The palette colour names nearest (RGB distance) to each row of (B, 3) `rgb`: how the evaluator
+    names an object's colour."""
+    palette = torch.tensor(list(COLOURS.values()))
+    return [list(COLOURS)[int(i)] for i in torch.cdist(rgb, palette).argmin(1)]
+
+
+def random_colours(scenes: list[Scene], generator: torch.Generator) -> torch.Tensor:
+    """(B, 3) uniform random RGB object colours, redrawn wherever the nearest palette colour would make
+    a held-out shape/colour pair with the scene's shape: augmented images stay inside the train split."""
+    out = torch.rand(len(scenes), 3, generator=generator)
+    while True:
+        bad = [i for i, (s, c) in enumerate(zip(scenes, nearest_colour(out))) if is_heldout(s.shape, c)]
+        if not bad:
+            return out
+        out[bad] = torch.rand(len(bad), 3, generator=generator)
+
+
 def _triangle_sdf(px: torch.Tensor, py: torch.Tensor, cx, cy, r) -> torch.Tensor:
     """Signed distance (px, negative inside; exact inside, approximate outside) to an upright
     isosceles triangle inscribed in the circle (cx, cy, r), apex at the top."""
@@ -172,8 +190,9 @@ def _triangle_sdf(px: torch.Tensor, py: torch.Tensor, cx, cy, r) -> torch.Tensor
     return d
 
 
-def render(scenes: list[Scene]) -> torch.Tensor:
-    """Rasterise scenes with anti-aliased edges. Returns (B, 3, 64, 64) float in [0, 1]."""
+def render(scenes: list[Scene], colours: torch.Tensor | None = None) -> torch.Tensor:
+    """Rasterise scenes with anti-aliased edges. Returns (B, 3, 64, 64) float in [0, 1].
+    colours: optional (B, 3) RGB that replaces each scene's object colour (VAE augmentation)."""
     b = len(scenes)
     coords = torch.arange(RESOLUTION, dtype=torch.float32) + 0.5
     py = coords.view(1, -1, 1).expand(b, RESOLUTION, RESOLUTION)  # (B, H, W)
@@ -189,6 +208,7 @@ def render(scenes: list[Scene]) -> torch.Tensor:
     kind = torch.tensor([SHAPES.index(s.shape) for s in scenes]).view(b, 1, 1)
     sdf = torch.where(kind == 0, circle, torch.where(kind == 1, square, triangle))
     alpha = (0.5 - sdf).clamp(0.0, 1.0).unsqueeze(1)  # (B, 1, H, W): pixel coverage
-    fg = torch.tensor([COLOURS[s.colour] for s in scenes]).view(b, 3, 1, 1)
+    fg = torch.tensor([COLOURS[s.colour] for s in scenes]) if colours is None else colours
+    fg = fg.view(b, 3, 1, 1)
     bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes]).view(b, 3, 1, 1)
     return bg + alpha * (fg - bg)
