@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import ASSETS
 
-PARTS = ("tokenizer", "vae", "clip", "unet", "shortcut", "all")  # "all" runs them in this order
+PARTS = ("tokenizer", "vae", "clip", "unet", "vae_decoder", "shortcut", "all")  # "all" runs them in this order
 
 
 def register(subparsers) -> None:

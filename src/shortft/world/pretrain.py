@@ -1,5 +1,5 @@
-"""Pretrain every asset of the embedded world from scratch: tokenizer, VAE, CLIP, UNet (on the CLIP's
-frozen text tower, or with a text encoder of its own), and the shortcut (by `shortft distill`).
+"""Pretrain every asset of the embedded world from scratch: tokenizer, VAE, CLIP, text encoder + UNet,
+VAE decoder refinement, and the shortcut (by `shortft distill`).
 
 Each part is one function `pretrain_<part>(cfg)` that reads only the world generator (and, for the
 UNet, the VAE it already saved) and writes a `save_pretrained` folder. Long parts checkpoint to
@@ -52,6 +52,7 @@ class PretrainConfig:
     vae_object_weight: float = 8.0  # extra loss weight on object pixels: the background is trivial
     vae_kl: float = 1e-6  # tiny KL keeps the latent scale bounded; reconstruction uses the mean
     vae_random_colour: float = 0.5  # fraction of VAE images whose object gets a random RGB colour (never one read as a held-out pair), so the codec does not tie shape to colour
+    vae_decoder_steps: int = 2000  # decoder-only fine-tune with the encoder (the latent space) frozen (~18 min)
     # text encoder + UNet
     unet_steps: int = 5000  # ~55 min at 1 thread beside another job, ~38 min alone on 2 threads
     unet_batch: int = 32  # half the step time of 64 on 2 shared cores: more updates before the deadline
@@ -74,7 +75,7 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         self.out, self.work_dir = Path(self.out), Path(self.work_dir)
         if self.tiny:
-            self.vae_steps, self.unet_steps, self.clip_steps = 4, 4, 4
+            self.vae_steps, self.unet_steps, self.clip_steps, self.vae_decoder_steps = 4, 4, 4, 2
             self.vae_batch, self.unet_batch, self.clip_batch = 4, 4, 8
             self.unet_pool, self.unet_warmup = 16, 1
             self.shortcut_steps, self.shortcut_seconds = 3, 0.0
@@ -250,9 +251,10 @@ def pretrain_vae(cfg: PretrainConfig):
 
 # --------------------------------------------------------------------------------------- entry point
 def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
-    """Build `part` ('tokenizer', 'vae', 'clip', 'unet', 'shortcut' or 'all', in that order): each part
-    reads what the earlier ones saved under cfg.out."""
-    valid = ("tokenizer", "vae", "clip", "unet", "shortcut", "all")
+    """Build `part` ('tokenizer', 'vae', 'clip', 'unet', 'vae_decoder', 'shortcut' or 'all', in that order).
+    The UNet only sees the VAE encoder's latents, so the decoder can be refined afterwards (or at
+    the same time, in another process) without changing what the UNet learned."""
+    valid = ("tokenizer", "vae", "unet", "vae_decoder", "clip", "shortcut", "all")
     if part not in valid:
         raise ValueError(f"part={part!r}; valid: {list(valid)}")
     if cfg.unet_text not in UNET_TEXT:
@@ -267,9 +269,59 @@ def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
         pretrain_clip(cfg)
     if part in ("unet", "all"):
         pretrain_unet(cfg)
+    if part in ("vae_decoder", "all"):
+        pretrain_vae_decoder(cfg)
     if part in ("shortcut", "all"):  # last: it distils the finished model
         pretrain_shortcut(cfg)
     print(f"pretrain {part}: {time.time() - t0:.0f} s")
+
+
+def pretrain_vae_decoder(cfg: PretrainConfig):
+    """Refine the saved VAE's decoder with the encoder frozen: the latent space (and so the UNet and
+    the scaling factor) stay exactly as they are, reconstructions get sharper. Half of the steps
+    decode a posterior sample instead of the mean, so slightly-off latents from the UNet decode well."""
+    from diffusers import AutoencoderKL
+
+    path = cfg.out / "model" / "vae"
+    vae = AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    vae.requires_grad_(False)
+    train = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in train:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(train, lr=cfg.vae_lr_min * 2)
+    ckpt = cfg.work_dir / "vae_decoder.pt"
+    start = 0
+    if ckpt.exists() and not cfg.tiny:
+        s = torch.load(ckpt, weights_only=False)
+        vae.load_state_dict(s["model"])
+        opt.load_state_dict(s["opt"])
+        start = s["step"]
+        print(f"vae decoder: resumed at step {start}")
+    g = torch.Generator().manual_seed(cfg.seed + 3)
+    bar = tqdm(range(start, cfg.vae_decoder_steps), desc="vae decoder", disable=cfg.tiny, mininterval=10)
+    for step in bar:
+        for group in opt.param_groups:
+            group["lr"] = _cosine_lr(step, cfg.vae_decoder_steps, cfg.vae_lr_min * 2, cfg.vae_lr_min * 0.2)
+        x = _vae_images(cfg, seed=cfg.seed * 1_000_003 + step + 2_000_000)
+        with torch.no_grad():
+            post = vae.encode(x * 2 - 1).latent_dist
+            z = post.mean + (step % 2) * post.std * torch.randn(post.mean.shape, generator=g)
+        rec = (vae.decode(z).sample + 1) / 2
+        loss = (_object_weight(x, cfg.vae_object_weight) * (rec - x) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            mse = F.mse_loss(rec.detach(), x).item()
+            bar.set_postfix(loss=f"{loss.item():.4f}", psnr=f"{-10 * math.log10(max(mse, 1e-10)):.1f}")
+        if (step + 1) % 250 == 0 and not cfg.tiny:
+            _save_ckpt(ckpt, model=vae.state_dict(), opt=opt.state_dict(), step=step + 1)
+            rb = vae_readback(vae)
+            tqdm.write(f"vae decoder: step {step + 1} shape read back: train {rb['train']:.3f}, "
+                       f"held-out {rb['heldout']:.3f}")
+    vae.to(torch.float16).save_pretrained(path, safe_serialization=True)
+    print(f"vae decoder: saved to {path}")
+    return vae
 
 
 # ---------------------------------------------------------------------------- text encoder + UNet
