@@ -89,6 +89,12 @@ def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
     assert UNet2DConditionModel.from_pretrained(cfg.out / "model" / "unet").config.cross_attention_dim == 16
     with pytest.raises(ValueError, match="unet_text='frozen'; valid"):
         P.run_pretrain(dataclasses.replace(cfg, unet_text="frozen"), "unet")
+    # clip-tuned: the same tower is the starting point and it trains with the UNet
+    tuned_cfg = dataclasses.replace(cfg, unet_text="clip-tuned", unet_steps=5, work_dir=cfg.work_dir / "tuned")
+    _, tuned, _ = P.pretrain_unet(tuned_cfg)
+    assert tuned.config.hidden_size == 16
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, tower[k].float())]
+    assert moved and "embeddings.token_embedding.weight" in moved
 
 
 def test_shortcut_part_distils_the_finished_model(tiny_out):

@@ -26,8 +26,9 @@ def register(subparsers) -> None:
     pre.add_argument("--seed", type=int, default=0)
     pre.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     pre.add_argument("--tiny", action="store_true", help="tiny networks, a few steps (tests)")
-    pre.add_argument("--unet-text", choices=("joint", "clip"), default="clip",
-                     help="the UNet's text encoder: trained with it (joint) or the world CLIP's text tower, frozen")
+    pre.add_argument("--unet-text", choices=("joint", "clip", "clip-tuned"), default="clip-tuned",
+                     help="the UNet's text encoder: its own, trained with it (joint); the world CLIP's text tower, "
+                          "frozen (clip) or fine-tuned with it at a tenth of its learning rate (clip-tuned)")
     pre.add_argument("--vae-random-colour", type=float, default=None,
                      help="fraction of VAE images with a random object colour (default: PretrainConfig's)")
     pre.set_defaults(func=_pretrain)

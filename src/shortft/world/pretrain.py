@@ -62,7 +62,8 @@ class PretrainConfig:
     unet_ema: float = 0.999  # EMA decay of the shipped weights
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
-    unet_text: str = "clip"  # the UNet's text encoder: joint (a CLIPTextModel trained with it) or clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's)
+    unet_text_lr_scale: float = 0.1  # with unet_text="clip-tuned": the text tower's learning rate relative to the UNet's
+    unet_text: str = "clip-tuned"  # the UNet's text encoder: joint (a fresh CLIPTextModel trained with it), clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's) or clip-tuned (that tower, trained with the UNet)
     # CLIP preference model
     clip_steps: int = 1000  # ~7 min at 1 thread
     clip_batch: int = 64
@@ -70,7 +71,7 @@ class PretrainConfig:
     clip_hard_negatives: int = 2  # one-attribute-wrong captions per image in each batch
     # shortcut (`shortft distill` with the settings that made the shipped file, docs/distill.md)
     shortcut_steps: int = 10000  # distillation step cap; on 2 CPU cores the time budget ends it first
-    shortcut_seconds: float = 1800.0  # distillation time budget; the cosine learning rate reaches 0 there
+    shortcut_seconds: float = 1200.0  # distillation time budget; the cosine learning rate reaches 0 there
 
     def __post_init__(self) -> None:
         self.out, self.work_dir = Path(self.out), Path(self.work_dir)
@@ -398,16 +399,19 @@ def _latent_pool(vae, n: int, seed: int, tok) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(means), torch.cat(stds), ids
 
 
-UNET_TEXT = ("joint", "clip")
+UNET_TEXT = ("joint", "clip", "clip-tuned")
 
 
 def text_encoder(cfg: PretrainConfig):
     """The UNet's text encoder and whether it trains: a fresh CLIPTextModel trained jointly with the
-    UNet, or the world CLIP's text tower (cfg.out/clip, which pretrain_clip writes first), frozen."""
+    UNet, or the world CLIP's text tower (cfg.out/clip, which pretrain_clip writes first), frozen or
+    fine-tuned (the tower separates position phrases from the start; fine-tuning adds what the UNet needs)."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    if cfg.unet_text == "clip":
+    if cfg.unet_text in ("clip", "clip-tuned"):
         text = CLIPTextModel.from_pretrained(cfg.out / "clip", torch_dtype=torch.float32)  # the tower of a CLIPModel
+        if cfg.unet_text == "clip-tuned":  # starts from the tower, trains with the UNet at unet_text_lr_scale
+            return text.train(), True
         return text.requires_grad_(False).eval(), False
     return CLIPTextModel(CLIPTextConfig(**text_config(cfg.tiny))), True
 
@@ -425,7 +429,11 @@ def pretrain_unet(cfg: PretrainConfig):
     text, text_trains = text_encoder(cfg)
     unet = UNet2DConditionModel(**unet_config(cfg.tiny, text.config.hidden_size))
     params = (list(text.parameters()) if text_trains else []) + list(unet.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01, fused=True)  # fused: 10x faster step on CPU
+    text_scale = cfg.unet_text_lr_scale if cfg.unet_text == "clip-tuned" else 1.0
+    groups = [dict(params=list(unet.parameters()), scale=1.0)]
+    if text_trains:
+        groups.append(dict(params=list(text.parameters()), scale=text_scale))
+    opt = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=0.01, fused=True)  # fused: 10x faster step on CPU
     ema = [p.detach().clone() for p in params]
     ckpt = cfg.work_dir / "unet.pt"
     start = 0
@@ -455,7 +463,7 @@ def pretrain_unet(cfg: PretrainConfig):
         g.manual_seed(cfg.seed * 1_000_003 + step)  # each step's draws depend only on (seed, step)
         lr = _cosine_lr(step, cfg.unet_steps, cfg.unet_lr, cfg.unet_lr * 0.1, warmup=cfg.unet_warmup)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         b = cfg.unet_batch
         idx = torch.randint(len(pool_mean), (b,), generator=g)
         x0 = (pool_mean[idx] + pool_std[idx] * torch.randn(pool_mean[idx].shape, generator=g)) * scale  # (B,4,8,8)
