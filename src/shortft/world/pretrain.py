@@ -52,9 +52,9 @@ class PretrainConfig:
     vae_object_weight: float = 8.0  # extra loss weight on object pixels: the background is trivial
     vae_kl: float = 1e-6  # tiny KL keeps the latent scale bounded; reconstruction uses the mean
     vae_random_colour: float = 0.5  # fraction of VAE images whose object gets a random RGB colour (never one read as a held-out pair), so the codec does not tie shape to colour
-    vae_decoder_steps: int = 2000  # decoder-only fine-tune with the encoder (the latent space) frozen (~18 min)
+    vae_decoder_steps: int = 2000  # decoder-only fine-tune, encoder (the latent space) frozen (~5 min): decodes the UNet's off-manifold latents cleanly
     # text encoder + UNet
-    unet_steps: int = 5000  # ~55 min at 1 thread beside another job, ~38 min alone on 2 threads
+    unet_steps: int = 5000  # ~22 min alone on 2 threads (4 it/s)
     unet_batch: int = 32  # half the step time of 64 on 2 shared cores: more updates before the deadline
     unet_lr: float = 5e-4
     unet_warmup: int = 100
