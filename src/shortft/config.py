@@ -56,7 +56,7 @@ class TrainConfig:
     eval_prompts: str = "world-heldout"  # prompts for grids and before/after figures (held out)
     eval_count: int = 32  # number of eval prompts (one fixed seed each) for the before/after summary
     # --- optimisation -------------------------------------------------------------------------------------
-    max_steps: int = 120  # optimiser steps (world: 5-7 min on 2 CPU cores)
+    max_steps: int = 120  # optimiser steps (world: ~4.5 min on 2 CPU cores)
     batch_size: int = 4  # prompts per rollout per process
     grad_accum: int = 1  # rollouts accumulated per optimiser step
     lr: float = 2e-3  # AdamW learning rate

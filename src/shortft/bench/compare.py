@@ -201,7 +201,7 @@ def add_parser(bsub) -> None:
                         description=__doc__.splitlines()[0])
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", dest="preset", action="store_const", const="quick",
-                   help="every variant, the first reward, 3 seeds, a 3-s time budget (32 runs, 6.0 min measured on 2 idle CPU cores)")
+                   help="every variant, the first reward, 3 seeds, a 3-s time budget (32 runs, 6.3 min measured on 2 idle CPU cores)")
     g.add_argument("--full", dest="preset", action="store_const", const="full",
                    help="every variant and reward, 3 seeds, 6 s and 200 UNet calls (181 runs, 52.3 min measured on 2 idle CPU cores)")
     p.add_argument("--model", default="world", help="world | tiny | small | a diffusers folder")

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .scenes import ATTRIBUTES, BACKGROUNDS, COLOURS, POSITIONS, parse_prompt
+from .scenes import ATTRIBUTES, BACKGROUNDS, POSITIONS, nearest_colour, parse_prompt
 
-_COLOUR_NAMES = list(COLOURS)
-_COLOUR_RGB = torch.tensor([COLOURS[c] for c in _COLOUR_NAMES])  # (6, 3)
 _BG_NAMES = list(BACKGROUNDS)
 _BG_RGB = torch.tensor([BACKGROUNDS[c] for c in _BG_NAMES])  # (3, 3)
 _POS_NAMES = list(POSITIONS)
@@ -48,7 +46,7 @@ def _read_one(img: torch.Tensor) -> dict[str, str | float]:
     # Colour from strongly-object pixels only (edges are blends with the background).
     strong = dist > 0.6 * dist[mask].max()
     rgb = img[:, strong].mean(dim=1)
-    colour = _COLOUR_NAMES[int(((_COLOUR_RGB - rgb) ** 2).sum(1).argmin())]
+    colour = nearest_colour(rgb.view(1, 3))[0]
     y0, y1, x0, x1 = int(ys.min()), int(ys.max()), int(xs.min()), int(xs.max())
     box = m[y0 : y1 + 1, x0 : x1 + 1]
     fill = float(box.mean())

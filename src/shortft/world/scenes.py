@@ -156,8 +156,8 @@ def parse_prompt(prompt: str) -> dict[str, str | None]:
 
 
 def nearest_colour(rgb: torch.Tensor) -> list[str]:
-    """The palette colour names nearest (RGB distance) to each row of (B, 3) `rgb`: how the evaluator
-    names an object's colour."""
+    """The palette colour names nearest (RGB distance) to each row of (B, 3) `rgb`: the evaluator's colour
+    rule, so random VAE colours are checked against exactly what the evaluator would read."""
     palette = torch.tensor(list(COLOURS.values()))
     return [list(COLOURS)[int(i)] for i in torch.cdist(rgb, palette).argmin(1)]
 
