@@ -47,6 +47,8 @@ def test_segment_layout_matches_shortft_jumps(backend):
     assert [ts[s["edge"]] for s in layout] == [761, 501, 261, 1]  # lower edges T*j/k on the grid
     assert [ts[i] for i in layout[1]["train"]] == list(range(761, 501, -20))  # (501, 761]
     assert layout[0]["train"][0] == 0 and layout[-1]["train"][-1] == 48
+    # anchors: where jumps start (ShortFT at the segment start, k-step sampling at the previous edge)
+    assert [[ts[i] for i in s["anchors"]] for s in layout] == [[981], [761, 741], [501, 481], [261, 241]]
     with pytest.raises(ValueError, match="segments"):
         segment_layout(ts[:4], 4)
 
@@ -105,6 +107,21 @@ def test_loss_falls_and_only_the_shortcut_trains(tiny, teacher_steps):
     for n, p in unet.named_parameters():
         if ".lora_" not in n:
             assert torch.equal(p, base[n]), n  # base UNet untouched
+
+
+def test_anchor_fraction_draws_jump_starts(tiny):
+    """anchor_fraction=1: every row starts at an anchor (where a jump is taken); 0: any grid point of
+    the segment."""
+    _, anchored = _tscd(tiny, anchor_fraction=1.0)
+    rng, gen = random.Random(0), torch.Generator().manual_seed(0)
+    starts = {(j, g["n"]) for _ in range(30) for j, g in enumerate(anchored.draw(rng, gen))}
+    assert starts == {(j, n) for j, s in enumerate(anchored.layout) for n in s["anchors"]}
+    _, plain = _tscd(tiny)
+    rng = random.Random(0)
+    starts = {(j, g["n"]) for _ in range(30) for j, g in enumerate(plain.draw(rng, gen))}
+    assert starts == {(j, n) for j, s in enumerate(plain.layout) for n in s["train"]}
+    with pytest.raises(ValueError, match="anchor_fraction=1.5"):
+        distill(DistillConfig(out="x.safetensors", anchor_fraction=1.5))
 
 
 def test_live_teacher_lands_on_the_stored_trajectory(tiny):

@@ -3,6 +3,7 @@ part lower its loss and write folders that load through diffusers/transformers."
 
 import dataclasses
 import json
+import math
 import shutil
 
 import open_clip
@@ -95,6 +96,29 @@ def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
     assert tuned.config.hidden_size == 16
     moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, tower[k].float())]
     assert moved and "embeddings.token_embedding.weight" in moved
+
+
+def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out):
+    """unet_colourless: a second latent pool of random-colour objects whose captions name no colour;
+    the normal pool keeps palette colours and colour words."""
+    from diffusers import AutoencoderKL
+
+    from shortft.world.scenes import COLOURS, TEMPLATES
+
+    cfg, tok = tiny_out
+    if not (cfg.out / "model" / "vae").is_dir():
+        P.pretrain_vae(cfg)
+    vae = AutoencoderKL.from_pretrained(cfg.out / "model" / "vae").eval()
+    colour_ids = {int(i) for c in COLOURS for i in tok(c, add_special_tokens=False).input_ids}
+    normal = P._latent_pool(vae, 8, 5, tok)
+    free = P._latent_pool(vae, 8, 5, tok, colourless=True)
+    assert free[2].shape == normal[2].shape == (8, len(TEMPLATES), P.MAX_TOKENS)
+    assert all(colour_ids & set(row.tolist()) for row in normal[2].flatten(0, 1))
+    assert not any(colour_ids & set(row.tolist()) for row in free[2].flatten(0, 1))
+    assert not torch.allclose(free[0], normal[0])  # same scenes, other object colours
+    cfg2 = dataclasses.replace(cfg, unet_colourless=0.5, unet_text="joint", work_dir=cfg.work_dir / "free")
+    _, _, losses = P.pretrain_unet(cfg2)  # tiny: 4 steps of batch 4, two of them colourless
+    assert len(losses) == cfg2.unet_steps and all(math.isfinite(v) for v in losses)
 
 
 def test_shortcut_part_distils_the_finished_model(tiny_out):

@@ -85,6 +85,7 @@ class DistillConfig:
     ema: float = 0.95  # EMA decay of the bridging copy (LCM: 0.95); 0 = stop-gradient student
     pool: int = 256  # teacher trajectories sampled up front (memory: pool x (num_steps+1) latents)
     noised_fraction: float = 0.5  # share of rows that re-noise a clean teacher sample instead
+    anchor_fraction: float = 0.0  # share of steps whose rows start where jumps are taken (ShortFT's segment start or the previous edge, as k-step sampling does) instead of any grid point of the segment
     warmup: int = 50  # linear learning-rate warm-up steps
     seed: int = 0  # seeds the LoRA init, the pool's prompts and noises, and every draw
     time_budget: float = 0.0  # stop training after this many seconds (0 = no limit); the file is still written
@@ -153,7 +154,8 @@ def segment_layout(timesteps: list[int], k: int) -> list[dict]:
         if edge - first < 1:
             raise ValueError(f"segments={k} with num_steps={len(timesteps)} leaves segment {j} without an "
                              "inner step; use fewer segments or more steps")
-        out.append({"train": list(range(first, edge)), "edge": edge, "start": b[j - 1]})
+        out.append({"train": list(range(first, edge)), "edge": edge, "start": b[j - 1],
+                    "anchors": sorted({first, b[j - 1]})})
     return out
 
 
@@ -232,7 +234,8 @@ class TSCD:
 
         groups = []
         for seg in self.layout:
-            n = rng.choice(seg["train"])
+            anchored = self.cfg.anchor_fraction > 0 and rng.random() < self.cfg.anchor_fraction
+            n = rng.choice(seg["anchors"] if anchored else seg["train"])
             left = seg["edge"] - n  # teacher steps to the edge
             m = left if self.cfg.teacher_steps == 0 else rng.randint(1, min(self.cfg.teacher_steps, left))
             rows = torch.randint(len(self.pool), (self.cfg.batch_size,), generator=generator)
@@ -356,8 +359,11 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     if cfg.decay not in DECAYS:
         raise ValueError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
     dtype = TORCH_DTYPES[cfg.dtype]
-    if not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or cfg.teacher_steps < 0 or cfg.pool < 1:
-        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, teacher_steps >= 0, pool >= 1")
+    if (not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or not 0 <= cfg.anchor_fraction <= 1
+            or cfg.teacher_steps < 0 or cfg.pool < 1):
+        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, 0 <= anchor_fraction <= 1, "
+                         f"teacher_steps >= 0, pool >= 1; got ema={cfg.ema}, noised_fraction={cfg.noised_fraction}, "
+                         f"anchor_fraction={cfg.anchor_fraction}, teacher_steps={cfg.teacher_steps}, pool={cfg.pool}")
     defaults = model_defaults(cfg.model)
     guidance = cfg.guidance or defaults["guidance"]
     work = Path(cfg.work_dir or f"runs/distill-{Path(cfg.out).stem}")

@@ -63,6 +63,7 @@ class PretrainConfig:
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
     unet_text_lr_scale: float = 0.1  # with unet_text="clip-tuned": the text tower's learning rate relative to the UNet's
+    unet_colourless: float = 0.0  # fraction of each UNet batch drawn from random-colour images captioned without a colour word (never a held-out pair), so the shape word alone decides the shape
     unet_text: str = "clip-tuned"  # the UNet's text encoder: joint (a fresh CLIPTextModel trained with it), clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's) or clip-tuned (that tower, trained with the UNet)
     # CLIP preference model
     clip_steps: int = 1000  # ~7 min at 1 thread
@@ -383,20 +384,33 @@ def ddim_scheduler():
     )
 
 
-def _latent_pool(vae, n: int, seed: int, tok) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _latent_pool(vae, n: int, seed: int, tok, colourless: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode n train-split scenes once: posterior means and stds (N, 4, 8, 8) and the token ids of
-    every caption template (N, T, L)."""
+    every caption template (N, T, L). colourless: objects in random colours (`random_colours`, never a
+    held-out pair) and captions without a colour word, so the shape word alone decides the shape."""
     from .scenes import TEMPLATES
 
     scenes = sample_scenes(n, "train", seed=seed)
+    colours = random_colours(scenes, torch.Generator().manual_seed(seed)) if colourless else None
     means, stds = [], []
     with torch.no_grad():
         for i in tqdm(range(0, n, 128), desc="encode latents", mininterval=5):
-            d = vae.encode(render(scenes[i : i + 128]) * 2 - 1).latent_dist
+            c = None if colours is None else colours[i : i + 128]
+            d = vae.encode(render(scenes[i : i + 128], c) * 2 - 1).latent_dist
             means.append(d.mean)
             stds.append(d.std)
-    ids = torch.stack([tokenize(tok, [caption(s, k) for s in scenes]) for k in range(len(TEMPLATES))], 1)
+    ids = torch.stack([tokenize(tok, [caption(s, k, colour=not colourless) for s in scenes])
+                       for k in range(len(TEMPLATES))], 1)
     return torch.cat(means), torch.cat(stds), ids
+
+
+def _draw(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, n: int, g: torch.Generator):
+    """n random pool entries: latents sampled from their posteriors (n, 4, 8, 8), unscaled, and the
+    token ids of one random caption template each (n, L)."""
+    idx = torch.randint(len(mean), (n,), generator=g)
+    x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
+    return x0, ids[idx, torch.randint(ids.shape[1], (n,), generator=g)]
 
 
 UNET_TEXT = ("joint", "clip", "clip-tuned")
@@ -446,6 +460,9 @@ def pretrain_unet(cfg: PretrainConfig):
         start = s["step"]
         print(f"unet: resumed at step {start}")
     pool_mean, pool_std, pool_ids = _latent_pool(vae, cfg.unet_pool, cfg.seed + 1, tok)
+    n_free = round(cfg.unet_batch * cfg.unet_colourless)  # colourless examples per batch
+    if n_free:
+        free = _latent_pool(vae, cfg.unet_pool // 2, cfg.seed + 2, tok, colourless=True)
     del vae
     empty = tokenize(tok, [""])[0]  # (L,)
     sched = DDPMScheduler(**SD15_SCHEDULE)
@@ -465,9 +482,11 @@ def pretrain_unet(cfg: PretrainConfig):
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]
         b = cfg.unet_batch
-        idx = torch.randint(len(pool_mean), (b,), generator=g)
-        x0 = (pool_mean[idx] + pool_std[idx] * torch.randn(pool_mean[idx].shape, generator=g)) * scale  # (B,4,8,8)
-        ids = pool_ids[idx, torch.randint(pool_ids.shape[1], (b,), generator=g)]  # (B, L)
+        x0, ids = _draw(pool_mean, pool_std, pool_ids, b - n_free, g)
+        if n_free:
+            x0_free, ids_free = _draw(*free, n_free, g)
+            x0, ids = torch.cat([x0, x0_free]), torch.cat([ids, ids_free])
+        x0 = x0 * scale  # (B, 4, 8, 8)
         drop = torch.rand(b, generator=g) < cfg.unet_drop_caption
         ids[drop] = empty
         t = torch.randint(0, 1000, (b,), generator=g)

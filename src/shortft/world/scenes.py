@@ -112,9 +112,12 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0) -> list[Scene]:
     ]
 
 
-def caption(scene: Scene, template_index: int = 0) -> str:
-    """The scene described by template `template_index` (modulo the number of templates)."""
+def caption(scene: Scene, template_index: int = 0, colour: bool = True) -> str:
+    """The scene described by template `template_index` (modulo the number of templates); colour=False
+    leaves the colour word out (every template says "{colour} {shape}")."""
     t = TEMPLATES[template_index % len(TEMPLATES)]
+    if not colour:
+        t = t.replace("{colour} {shape}", "{shape}")
     return t.format(
         size=scene.size,
         colour=scene.colour,
