@@ -98,7 +98,7 @@ def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
     assert moved and "embeddings.token_embedding.weight" in moved
 
 
-def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out):
+def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out, monkeypatch):
     """unet_colourless: a second latent pool of random-colour objects whose captions name no colour;
     the normal pool keeps palette colours and colour words."""
     from diffusers import AutoencoderKL
@@ -117,8 +117,12 @@ def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out):
     assert not any(colour_ids & set(row.tolist()) for row in free[2].flatten(0, 1))
     assert not torch.allclose(free[0], normal[0])  # same scenes, other object colours
     cfg2 = dataclasses.replace(cfg, unet_colourless=0.5, unet_text="joint", work_dir=cfg.work_dir / "free")
-    _, _, losses = P.pretrain_unet(cfg2)  # tiny: 4 steps of batch 4, two of them colourless
+    drawn, draw = [], P._draw
+    monkeypatch.setattr(P, "_draw", lambda mean, *a: drawn.append((len(mean), a[-2])) or draw(mean, *a))
+    _, _, losses = P.pretrain_unet(cfg2)  # tiny: 4 steps of batch 4, two rows of each from the colourless pool
     assert len(losses) == cfg2.unet_steps and all(math.isfinite(v) for v in losses)
+    pools = cfg2.unet_pool, cfg2.unet_pool // 2  # (normal pool size, colourless pool size)
+    assert drawn == [(pools[0], 2), (pools[1], 2)] * cfg2.unet_steps
 
 
 def test_shortcut_part_distils_the_finished_model(tiny_out):

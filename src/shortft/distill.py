@@ -234,6 +234,7 @@ class TSCD:
 
         groups = []
         for seg in self.layout:
+            # no extra draw when anchor_fraction = 0: earlier runs' random streams (and files) reproduce
             anchored = self.cfg.anchor_fraction > 0 and rng.random() < self.cfg.anchor_fraction
             n = rng.choice(seg["anchors"] if anchored else seg["train"])
             left = seg["edge"] - n  # teacher steps to the edge
