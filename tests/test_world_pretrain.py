@@ -151,3 +151,64 @@ def test_shortcut_part_distils_the_finished_model(tiny_out):
     assert loaded.keys() == sd.keys()
     for k in sd:  # the distilled weights, not a fresh adapter
         torch.testing.assert_close(loaded[k], sd[k].float())
+
+
+def test_swap_shape_colour_changes_only_those_words_and_never_to_a_heldout_pair(tiny_out):
+    from shortft.world.scenes import COLOURS, SHAPES, is_heldout
+
+    _, tok = tiny_out
+    caps = [caption(s, i) for i, s in enumerate(sample_scenes(200, "train", seed=1))]
+    caps += [caption(s, 0, colour=False) for s in sample_scenes(20, "train", seed=2)] + [""]
+    ids = P.tokenize(tok, caps)
+    donor = P.swap_shape_colour(ids, tok, torch.Generator().manual_seed(0))
+    word = {tok(w, add_special_tokens=False).input_ids[0]: w for w in (*SHAPES, *COLOURS)}
+    changed = 0
+    for a, b, c in zip(ids.tolist(), donor.tolist(), caps):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert x == y or (x in word and y in word), c  # only shape and colour words move
+        new = [word[y] for y in b if y in word]
+        shape = [w for w in new if w in SHAPES]
+        colour = [w for w in new if w in COLOURS]
+        if c:
+            assert len(shape) == 1 and not (colour and is_heldout(shape[0], colour[0])), c
+        changed += a != b
+    assert changed > 150  # 16 of 17 train pairs differ from any given one
+    mask = P.summary_mask(ids, tok.eos_token_id)
+    n_words = (ids != tok.eos_token_id).sum(1) - 1  # tokens before end-of-text, start token included
+    assert torch.equal(mask.sum(1), P.MAX_TOKENS - n_words - 1)
+    assert (ids[mask] == tok.eos_token_id).all() and mask[:, -1].all() and not mask[:, 0].any()
+
+
+def test_summary_swap_feeds_the_unet_the_donor_summary_and_the_own_words(tiny_out, monkeypatch):
+    """unet_summary_swap = 1: at every end-of-text/padding position the UNet's context is the text
+    tower's state for the shape-and-colour-swapped caption, at every other position the caption's own."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    cfg, tok = tiny_out
+    if not (cfg.out / "model" / "vae").is_dir():
+        P.pretrain_vae(cfg)
+    cfg2 = dataclasses.replace(cfg, unet_summary_swap=1.0, unet_text="joint", work_dir=cfg.work_dir / "swap")
+    texts, contexts = [], []
+    text_fwd, unet_fwd = CLIPTextModel.forward, UNet2DConditionModel.forward
+
+    def text_rec(self, input_ids=None, *a, **k):
+        out = text_fwd(self, input_ids, *a, **k)
+        texts.append((input_ids.clone(), out.last_hidden_state.detach().clone()))
+        return out
+
+    def unet_rec(self, sample, timestep, encoder_hidden_states=None, *a, **k):
+        contexts.append(encoder_hidden_states.detach().clone())
+        return unet_fwd(self, sample, timestep, encoder_hidden_states, *a, **k)
+    monkeypatch.setattr(CLIPTextModel, "forward", text_rec)
+    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_rec)
+    P.pretrain_unet(cfg2)
+    texts = texts[-2 * cfg2.unet_steps:]  # the training loop's calls: (own, donor) per step
+    assert len(contexts) == cfg2.unet_steps
+    for step, ctx in enumerate(contexts):
+        (ids, own), (donor_ids, donor) = texts[2 * step], texts[2 * step + 1]
+        mask = P.summary_mask(ids, tok.eos_token_id)
+        assert torch.equal(P.summary_mask(donor_ids, tok.eos_token_id), mask)  # same lengths
+        assert torch.equal(ctx[mask], donor[mask]) and torch.equal(ctx[~mask], own[~mask])
+    assert any(not torch.equal(own, donor) for (_, own), (_, donor) in zip(texts[::2], texts[1::2]))

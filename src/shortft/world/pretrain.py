@@ -29,6 +29,7 @@ from .scenes import (
     SIZES,
     Scene,
     caption,
+    is_heldout,
     random_colours,
     render,
     sample_scenes,
@@ -63,6 +64,7 @@ class PretrainConfig:
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
     unet_text_lr_scale: float = 0.1  # with unet_text="clip-tuned": the text tower's learning rate relative to the UNet's
+    unet_summary_swap: float = 0.0  # fraction of rows whose end-of-text and padding states (where the causal text tower sums up the caption) come from the caption with another shape and colour (a train pair), so the UNet must read shape and colour from the words
     unet_colourless: float = 0.0  # fraction of each UNet batch drawn from random-colour images captioned without a colour word (never a held-out pair), so the shape word alone decides the shape
     unet_text: str = "clip-tuned"  # the UNet's text encoder: joint (a fresh CLIPTextModel trained with it), clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's) or clip-tuned (that tower, trained with the UNet)
     # CLIP preference model
@@ -134,6 +136,29 @@ def load_tokenizer(path: Path):
 
 def tokenize(tok, prompts: list[str]) -> torch.Tensor:
     return tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
+
+
+def summary_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """(B, L) token ids -> (B, L) bool: the end-of-text token and the padding after it (CLIP pads with
+    end-of-text). A causal text tower's states there attend to the whole caption: they are its summary."""
+    return (ids == eos_id).cumsum(1) > 0
+
+
+def swap_shape_colour(ids: torch.Tensor, tok, g: torch.Generator) -> torch.Tensor:
+    """The same captions with the shape word and the colour word (where there is one) replaced by a
+    random train pair (never a held-out one); every word is one token, so lengths and positions stay."""
+    def one(word: str) -> int:
+        (i,) = tok(word, add_special_tokens=False).input_ids
+        return i
+    shape_ids = torch.tensor([one(s) for s in SHAPES])
+    colour_ids = torch.tensor([one(c) for c in COLOURS])
+    pairs = [(i, j) for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS) if not is_heldout(s, c)]
+    pick = torch.tensor(pairs)[torch.randint(len(pairs), (len(ids),), generator=g)]  # (B, 2)
+    out = ids.clone()
+    is_shape = (ids[..., None] == shape_ids).any(-1)
+    is_colour = (ids[..., None] == colour_ids).any(-1)
+    out = torch.where(is_shape, shape_ids[pick[:, 0]][:, None], out)
+    return torch.where(is_colour, colour_ids[pick[:, 1]][:, None], out)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -495,6 +520,11 @@ def pretrain_unet(cfg: PretrainConfig):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.set_grad_enabled(text_trains):
             context = text(ids).last_hidden_state  # (B, L, D)
+            if cfg.unet_summary_swap:  # the summary states of some rows come from another shape and colour
+                swap = torch.rand(b, generator=g) < cfg.unet_summary_swap
+                donor = text(swap_shape_colour(ids, tok, g)).last_hidden_state
+                mask = swap[:, None] & summary_mask(ids, tok.eos_token_id)  # (B, L)
+                context = torch.where(mask[..., None], donor, context)
         eps = unet(xt, t, encoder_hidden_states=context).sample
         # Epsilon-MSE hardly penalises a wrong layout at high noise (x0's share of eps is sqrt(SNR));
         # weight 1 + min(1/SNR, gamma) gives those steps an x0-like weight, like v-prediction's loss.
