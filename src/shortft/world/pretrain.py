@@ -74,7 +74,8 @@ class PretrainConfig:
     clip_hard_negatives: int = 2  # one-attribute-wrong captions per image in each batch
     # shortcut (`shortft distill` with the settings that made the shipped file, docs/distill.md)
     shortcut_steps: int = 10000  # distillation step cap; on 2 CPU cores the time budget ends it first
-    shortcut_seconds: float = 1200.0  # distillation time budget; the cosine learning rate reaches 0 there
+    shortcut_seconds: float = 3600.0  # distillation time budget; the cosine learning rate reaches 0 there
+    shortcut_anchor_fraction: float = 0.5  # share of distillation steps whose rows start where ShortFT jumps (DistillConfig.anchor_fraction)
 
     def __post_init__(self) -> None:
         self.out, self.work_dir = Path(self.out), Path(self.work_dir)
@@ -611,15 +612,16 @@ def save_checkpoint_as_model(cfg: PretrainConfig, ckpt: Path, model_dir: Path, u
 # ---------------------------------------------------------------------------------------- shortcut
 def pretrain_shortcut(cfg: PretrainConfig) -> Path:
     """The world's 4-segment shortcut: `shortft distill` on the finished model with the settings of the
-    shipped file (teacher straight to the segment edge, CFG-5 teacher and student, cosine decay, fp16
-    file). Equivalent command: see docs/distill.md."""
+    shipped file (teacher straight to the segment edge, CFG-5 teacher and student, half the steps anchored
+    at the jumps' starts, cosine decay, fp16 file). Equivalent command: see docs/distill.md."""
     from shortft.distill import DistillConfig, distill
 
     small = dict(num_steps=10, segments=2, batch_size=2, rank=4, pool=4) if cfg.tiny else dict(pool=1024)
     return distill(DistillConfig(
         model=str(cfg.out / "model"), out=str(cfg.out / "shortcut.safetensors"), steps=cfg.shortcut_steps,
         time_budget=cfg.shortcut_seconds, decay="cosine", teacher_steps=0, noised_fraction=0.0, guidance=5.0,
-        student_guidance=5.0, prompts="world-train", save_dtype="fp16", seed=cfg.seed,
+        student_guidance=5.0, anchor_fraction=cfg.shortcut_anchor_fraction, prompts="world-train", save_dtype="fp16",
+        seed=cfg.seed,
         work_dir=str(cfg.work_dir / "shortcut"), **small))
 
 
