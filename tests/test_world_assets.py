@@ -118,3 +118,20 @@ def test_probe_separates_the_vae_the_text_and_the_unet():
     assert r["vae_readback"] == 1.0
     assert r["text_moved_colour"] > 1.0 and min(r["text_moved"].values()) > 0
     assert set(r["samples"]) == set(values) and all(len(v) == 1 for v in r["samples"].values())
+
+
+def test_splice_probe_baseline_is_the_stock_pipeline_and_every_row_is_measured():
+    """probe --splice: its unspliced row reproduces `generate` (same seeds, same stock pipeline) exactly,
+    and every splice is scored on the same prompts."""
+    from shortft.world.evaluate_world import generate, load_pipeline
+    from shortft.world.evaluator import prompt_fidelity
+    from shortft.world.probe import SPLICES, splice
+    from shortft.world.scenes import prompt_split
+
+    torch.manual_seed(0)
+    r = splice(count=3, batch=3)
+    prompts = prompt_split("heldout")[:3]
+    assert list(r) == list(SPLICES)
+    assert r["none"] == prompt_fidelity(generate(load_pipeline(), prompts, 50, 5.0, 0), prompts)
+    # with every position after the colour word from the red caption, no held-out colour survives
+    assert r["words after the colour + end-of-text and padding"]["colour"] < 1.0

@@ -16,7 +16,8 @@ For one caption and each value of the attribute (everything else fixed) it print
 
 Which token states carry shape and colour to the UNet? Every held-out prompt is encoded twice, as it is
 and with its colour word changed to red (seen with every shape); samples from the held-out encoding
-with some positions taken from the red one tell which positions the UNet reads shape from.
+with some positions taken from the red one tell which positions the UNet reads shape from. A last row
+builds every state from train pairs, as an additive text tower would give it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,18 @@ import torch
 
 from .evaluate_world import generate, load_pipeline
 from .evaluator import prompt_fidelity, read_attributes
-from .scenes import POSITION_PHRASES, SHAPES, SIZES, Scene, caption, parse_prompt, prompt_split, render, sample_scenes
+from .scenes import (
+    POSITION_PHRASES,
+    SHAPES,
+    SIZES,
+    Scene,
+    caption,
+    is_heldout,
+    parse_prompt,
+    prompt_split,
+    render,
+    sample_scenes,
+)
 
 ATTRS = ("position", "size")  # the attributes this probe varies (one word or phrase of the caption)
 
@@ -82,34 +94,48 @@ def probe(model=None, attribute: str = "position", noises: int = 8, seed: int = 
     return out
 
 
-SPLICES = ("none", "shape word", "words after the colour", "words after the colour + end-of-text and padding")
+SPLICES = ("none", "shape word", "words after the colour", "words after the colour + end-of-text and padding",
+           "additive: (shape, red) + (other shape, colour) - (other shape, red)")
 
 
 @torch.no_grad()
-def splice(model=None, donor: str = "red", seed: int = 0, batch: int = 30) -> dict[str, dict[str, float]]:
-    """Evaluator fidelity on the 90 held-out prompts (CFG 5, 50 steps, noise seeds seed + i) when the
-    token states at some positions come from the same prompt with the colour word `donor` instead."""
+def splice(model=None, donor: str = "red", seed: int = 0, batch: int = 30, count: int = 90
+           ) -> dict[str, dict[str, float]]:
+    """Evaluator fidelity on the first `count` held-out prompts (CFG 5, 50 steps, noise seeds seed + i, as
+    `generate`) when the token states at some positions come from the same prompt with the colour word
+    `donor` instead; and with every state built from train pairs, h(s, donor) + h(s', k) - h(s', donor),
+    where s' is another shape seen in colour k (exact if the text tower were additive in shape and colour)."""
     from .pretrain import summary_mask
 
     pipe = load_pipeline(model)
     tok, text = pipe.tokenizer, pipe.text_encoder
-    prompts = prompt_split("heldout")
-    swapped = [p.replace(parse_prompt(p)["colour"], donor) for p in prompts]
+    prompts = prompt_split("heldout")[:count]
+
+    def recaption(p: str, shape: str | None = None, colour: str | None = None) -> str:
+        a = parse_prompt(p)
+        return p.replace(a["colour"], colour or a["colour"]).replace(a["shape"], shape or a["shape"])
+
+    def other_shape(p: str) -> str:
+        a = parse_prompt(p)
+        return next(s for s in SHAPES if s != a["shape"] and not is_heldout(s, a["colour"]))
+
     encode = lambda ps: tok(ps, padding="max_length", max_length=tok.model_max_length, truncation=True,  # noqa: E731
                             return_tensors="pt").input_ids
-    ids, ids2 = encode(prompts), encode(swapped)
+    ids, ids2 = encode(prompts), encode([recaption(p, colour=donor) for p in prompts])
     if not (ids != ids2).sum(1).eq(1).all():
         raise ValueError(f"colour {donor!r} is not a one-token swap of every held-out prompt's colour")
-    h, h2, neg = text(ids).last_hidden_state, text(ids2).last_hidden_state, text(encode([""])).last_hidden_state
+    states = lambda ps: text(encode(ps)).last_hidden_state  # noqa: E731
+    h, h2, neg = text(ids).last_hidden_state, text(ids2).last_hidden_state, states([""])
+    additive = (h2 + states([recaption(p, shape=other_shape(p)) for p in prompts])
+                - states([recaption(p, shape=other_shape(p), colour=donor) for p in prompts]))
     pos = torch.arange(ids.shape[1])[None]
     after = pos > (ids != ids2).float().argmax(1)[:, None]  # after the colour word
     shape_ids = torch.tensor([tok(w, add_special_tokens=False).input_ids[0] for w in SHAPES])
     summary = summary_mask(ids, tok.eos_token_id)
-    masks = dict(zip(SPLICES, (torch.zeros_like(after), after & (ids[..., None] == shape_ids).any(-1),
-                               after & ~summary, after)))
+    masks = (after & (ids[..., None] == shape_ids).any(-1), after & ~summary, after)
+    contexts = dict(zip(SPLICES, [h, *(torch.where(m[..., None], h2, h) for m in masks), additive]))
     out = {}
-    for name, mask in masks.items():
-        ctx = torch.where(mask[..., None], h2, h)
+    for name, ctx in contexts.items():
         imgs = []
         for i in range(0, len(prompts), batch):
             c = ctx[i:i + batch]
@@ -133,7 +159,7 @@ def main(argv=None) -> None:
         print("held-out prompts, 50-step CFG-5 samples; token states taken from the prompt recoloured red at: "
               "shape / colour (evaluator)")
         for name, f in splice(args.model).items():
-            print(f"   {name:>50}: {f['shape']:.3f} / {f['colour']:.3f}")
+            print(f"   {name:>68}: {f['shape']:.3f} / {f['colour']:.3f}")
         return
     r = probe(args.model, args.attribute, args.noises)
     print(f"1. VAE: {args.attribute} read back from reconstructions of 64 real held-out images: {r['vae_readback']:.3f}")
