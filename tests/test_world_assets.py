@@ -128,7 +128,6 @@ def test_splice_probe_baseline_is_the_stock_pipeline_and_every_row_is_measured()
     from shortft.world.probe import SPLICES, splice
     from shortft.world.scenes import prompt_split
 
-    torch.manual_seed(0)
     r = splice(count=3, batch=3)
     prompts = prompt_split("heldout")[:3]
     assert list(r) == list(SPLICES)

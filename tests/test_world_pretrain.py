@@ -160,7 +160,8 @@ def test_swap_shape_colour_changes_only_those_words_and_never_to_a_heldout_pair(
     caps = [caption(s, i) for i, s in enumerate(sample_scenes(200, "train", seed=1))]
     caps += [caption(s, 0, colour=False) for s in sample_scenes(20, "train", seed=2)] + [""]
     ids = P.tokenize(tok, caps)
-    donor = P.swap_shape_colour(ids, tok, torch.Generator().manual_seed(0))
+    words = P.word_ids(tok, SHAPES), P.word_ids(tok, COLOURS)
+    donor = P.swap_shape_colour(ids, *words, torch.Generator().manual_seed(0))
     word = {tok(w, add_special_tokens=False).input_ids[0]: w for w in (*SHAPES, *COLOURS)}
     changed = 0
     for a, b, c in zip(ids.tolist(), donor.tolist(), caps):

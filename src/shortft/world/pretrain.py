@@ -145,21 +145,23 @@ def summary_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
     return (ids == eos_id).cumsum(1) > 0
 
 
-def swap_shape_colour(ids: torch.Tensor, tok, g: torch.Generator) -> torch.Tensor:
-    """The same captions with the shape word and the colour word (where there is one) replaced by a
-    random train pair (never a held-out one); every word is one token, so lengths and positions stay."""
+def word_ids(tok, words) -> torch.Tensor:
+    """The token id of each word; every world attribute word is one CLIP token."""
     def one(word: str) -> int:
         (i,) = tok(word, add_special_tokens=False).input_ids
         return i
-    shape_ids = torch.tensor([one(s) for s in SHAPES])
-    colour_ids = torch.tensor([one(c) for c in COLOURS])
+    return torch.tensor([one(w) for w in words])
+
+
+def swap_shape_colour(ids: torch.Tensor, shape_ids: torch.Tensor, colour_ids: torch.Tensor,
+                      g: torch.Generator) -> torch.Tensor:
+    """The same captions with the shape word and the colour word (where there is one) replaced by a
+    random train pair (never a held-out one); every word is one token, so lengths and positions stay.
+    shape_ids, colour_ids: `word_ids` of SHAPES and COLOURS."""
     pairs = [(i, j) for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS) if not is_heldout(s, c)]
     pick = torch.tensor(pairs)[torch.randint(len(pairs), (len(ids),), generator=g)]  # (B, 2)
-    out = ids.clone()
-    is_shape = (ids[..., None] == shape_ids).any(-1)
-    is_colour = (ids[..., None] == colour_ids).any(-1)
-    out = torch.where(is_shape, shape_ids[pick[:, 0]][:, None], out)
-    return torch.where(is_colour, colour_ids[pick[:, 1]][:, None], out)
+    out = torch.where((ids[..., None] == shape_ids).any(-1), shape_ids[pick[:, 0]][:, None], ids)
+    return torch.where((ids[..., None] == colour_ids).any(-1), colour_ids[pick[:, 1]][:, None], out)
 
 
 # ---------------------------------------------------------------------------------------------- VAE
@@ -491,6 +493,7 @@ def pretrain_unet(cfg: PretrainConfig):
         free = _latent_pool(vae, cfg.unet_pool // 2, cfg.seed + 2, tok, colourless=True)
     del vae
     empty = tokenize(tok, [""])[0]  # (L,)
+    swap_words = word_ids(tok, SHAPES), word_ids(tok, COLOURS)  # for unet_summary_swap
     sched = DDPMScheduler(**SD15_SCHEDULE)
     acp = sched.alphas_cumprod  # (1000,)
     snr = acp / (1 - acp)
@@ -523,7 +526,7 @@ def pretrain_unet(cfg: PretrainConfig):
             context = text(ids).last_hidden_state  # (B, L, D)
             if cfg.unet_summary_swap:  # the summary states of some rows come from another shape and colour
                 swap = torch.rand(b, generator=g) < cfg.unet_summary_swap
-                donor = text(swap_shape_colour(ids, tok, g)).last_hidden_state
+                donor = text(swap_shape_colour(ids, *swap_words, g)).last_hidden_state
                 mask = swap[:, None] & summary_mask(ids, tok.eos_token_id)  # (B, L)
                 context = torch.where(mask[..., None], donor, context)
         eps = unet(xt, t, encoder_hidden_states=context).sample

@@ -105,7 +105,7 @@ def splice(model=None, donor: str = "red", seed: int = 0, batch: int = 30, count
     `generate`) when the token states at some positions come from the same prompt with the colour word
     `donor` instead; and with every state built from train pairs, h(s, donor) + h(s', k) - h(s', donor),
     where s' is another shape seen in colour k (exact if the text tower were additive in shape and colour)."""
-    from .pretrain import summary_mask
+    from .pretrain import summary_mask, word_ids
 
     pipe = load_pipeline(model)
     tok, text = pipe.tokenizer, pipe.text_encoder
@@ -130,7 +130,7 @@ def splice(model=None, donor: str = "red", seed: int = 0, batch: int = 30, count
                 - states([recaption(p, shape=other_shape(p), colour=donor) for p in prompts]))
     pos = torch.arange(ids.shape[1])[None]
     after = pos > (ids != ids2).float().argmax(1)[:, None]  # after the colour word
-    shape_ids = torch.tensor([tok(w, add_special_tokens=False).input_ids[0] for w in SHAPES])
+    shape_ids = word_ids(tok, SHAPES)
     summary = summary_mask(ids, tok.eos_token_id)
     masks = (after & (ids[..., None] == shape_ids).any(-1), after & ~summary, after)
     contexts = dict(zip(SPLICES, [h, *(torch.where(m[..., None], h2, h) for m in masks), additive]))
