@@ -112,9 +112,9 @@ def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out, monkeypat
     colour_ids = {int(i) for c in COLOURS for i in tok(c, add_special_tokens=False).input_ids}
     normal = P._latent_pool(vae, 8, 5, tok)
     free = P._latent_pool(vae, 8, 5, tok, colourless=True)
-    assert free[2].shape == normal[2].shape == (8, len(TEMPLATES), P.MAX_TOKENS)
-    assert all(colour_ids & set(row.tolist()) for row in normal[2].flatten(0, 1))
-    assert not any(colour_ids & set(row.tolist()) for row in free[2].flatten(0, 1))
+    assert free[1].shape == normal[1].shape == (8, len(TEMPLATES), P.MAX_TOKENS)
+    assert all(colour_ids & set(row.tolist()) for row in normal[1].flatten(0, 1))
+    assert not any(colour_ids & set(row.tolist()) for row in free[1].flatten(0, 1))
     assert not torch.allclose(free[0], normal[0])  # same scenes, other object colours
     cfg2 = dataclasses.replace(cfg, unet_colourless=0.5, unet_text="joint", work_dir=cfg.work_dir / "free")
     drawn, draw = [], P._draw
@@ -123,6 +123,26 @@ def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out, monkeypat
     assert len(losses) == cfg2.unet_steps and all(math.isfinite(v) for v in losses)
     pools = cfg2.unet_pool, cfg2.unet_pool // 2  # (normal pool size, colourless pool size)
     assert drawn == [(pools[0], 2), (pools[1], 2)] * cfg2.unet_steps
+
+
+def test_unet_trains_on_posterior_means_not_samples(tiny_out):
+    """The encoder's posterior std is untrained (the reconstruction uses the mean, the KL weight is tiny),
+    so the UNet's latents must be the means themselves: each drawn latent equals one scene's encoding."""
+    from diffusers import AutoencoderKL
+
+    from shortft.world.scenes import render
+
+    cfg, tok = tiny_out
+    if not (cfg.out / "model" / "vae").is_dir():
+        P.pretrain_vae(cfg)
+    vae = AutoencoderKL.from_pretrained(cfg.out / "model" / "vae").eval()
+    mean, ids = P._latent_pool(vae, 8, 5, tok)
+    with torch.no_grad():
+        ref = vae.encode(render(sample_scenes(8, "train", seed=5)) * 2 - 1).latent_dist
+    torch.testing.assert_close(mean, ref.mean)
+    x0, _ = P._draw(mean, ids, 16, torch.Generator().manual_seed(0))
+    nearest = torch.cdist(x0.flatten(1), mean.flatten(1)).min(1).values
+    assert float(nearest.max()) == 0.0
 
 
 def test_shortcut_part_distils_the_finished_model(tiny_out):

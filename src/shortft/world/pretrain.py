@@ -54,6 +54,7 @@ class PretrainConfig:
     vae_kl: float = 1e-6  # tiny KL keeps the latent scale bounded; reconstruction uses the mean
     vae_random_colour: float = 0.5  # fraction of VAE images whose object gets a random RGB colour (never one read as a held-out pair), so the codec does not tie shape to colour
     vae_decoder_steps: int = 2000  # decoder-only fine-tune, encoder (the latent space) frozen (~5 min): decodes the UNet's off-manifold latents cleanly
+    vae_decoder_noise: float = 0.1  # on half the refinement steps the decoder reads mean + this x (latent std) x N(0, 1): slightly-off latents, as the UNet makes them
     # text encoder + UNet
     unet_steps: int = 5000  # ~22 min alone on 2 threads (4 it/s)
     unet_batch: int = 32  # half the step time of 64 on 2 shared cores: more updates before the deadline
@@ -309,7 +310,9 @@ def run_pretrain(cfg: PretrainConfig, part: str = "all") -> None:
 def pretrain_vae_decoder(cfg: PretrainConfig):
     """Refine the saved VAE's decoder with the encoder frozen: the latent space (and so the UNet and
     the scaling factor) stay exactly as they are, reconstructions get sharper. Half of the steps
-    decode a posterior sample instead of the mean, so slightly-off latents from the UNet decode well."""
+    decode the mean plus a little noise (`vae_decoder_noise`), so slightly-off latents from the UNet
+    decode well. Not a posterior sample: the posterior std is 1 (see `_latent_pool`), which would
+    teach the decoder to guess shapes from unit noise."""
     from diffusers import AutoencoderKL
 
     path = cfg.out / "model" / "vae"
@@ -335,7 +338,8 @@ def pretrain_vae_decoder(cfg: PretrainConfig):
         x = _vae_images(cfg, seed=cfg.seed * 1_000_003 + step + 2_000_000)
         with torch.no_grad():
             post = vae.encode(x * 2 - 1).latent_dist
-            z = post.mean + (step % 2) * post.std * torch.randn(post.mean.shape, generator=g)
+            sigma = (step % 2) * cfg.vae_decoder_noise / vae.config.scaling_factor  # scaling = 1 / latent std
+            z = post.mean + sigma * torch.randn(post.mean.shape, generator=g)
         rec = (vae.decode(z).sample + 1) / 2
         loss = (_object_weight(x, cfg.vae_object_weight) * (rec - x) ** 2).mean()
         opt.zero_grad(set_to_none=True)
@@ -412,33 +416,33 @@ def ddim_scheduler():
     )
 
 
-def _latent_pool(vae, n: int, seed: int, tok, colourless: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encode n train-split scenes once: posterior means and stds (N, 4, 8, 8) and the token ids of
-    every caption template (N, T, L). colourless: objects in random colours (`random_colours`, never a
-    held-out pair) and captions without a colour word, so the shape word alone decides the shape."""
+def _latent_pool(vae, n: int, seed: int, tok, colourless: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encode n train-split scenes once: posterior means (N, 4, 8, 8) and the token ids of every caption
+    template (N, T, L). colourless: objects in random colours (`random_colours`, never a held-out pair)
+    and captions without a colour word, so the shape word alone decides the shape.
+
+    Means, not posterior samples: the VAE reconstructs from the mean and its KL weight is tiny, so the
+    encoder's log-variance only ever sees the KL gradient and sits at 0 (std exactly 1, against latent
+    means of mean |z| 0.57). Sampling would bury every training latent in unit noise."""
     from .scenes import TEMPLATES
 
     scenes = sample_scenes(n, "train", seed=seed)
     colours = random_colours(scenes, torch.Generator().manual_seed(seed)) if colourless else None
-    means, stds = [], []
+    means = []
     with torch.no_grad():
         for i in tqdm(range(0, n, 128), desc="encode latents", mininterval=5):
             c = None if colours is None else colours[i : i + 128]
-            d = vae.encode(render(scenes[i : i + 128], c) * 2 - 1).latent_dist
-            means.append(d.mean)
-            stds.append(d.std)
+            means.append(vae.encode(render(scenes[i : i + 128], c) * 2 - 1).latent_dist.mean)
     ids = torch.stack([tokenize(tok, [caption(s, k, colour=not colourless) for s in scenes])
                        for k in range(len(TEMPLATES))], 1)
-    return torch.cat(means), torch.cat(stds), ids
+    return torch.cat(means), ids
 
 
-def _draw(mean: torch.Tensor, std: torch.Tensor, ids: torch.Tensor, n: int, g: torch.Generator):
-    """n random pool entries: latents sampled from their posteriors (n, 4, 8, 8), unscaled, and the
-    token ids of one random caption template each (n, L)."""
+def _draw(mean: torch.Tensor, ids: torch.Tensor, n: int, g: torch.Generator):
+    """n random pool entries: latents (n, 4, 8, 8), unscaled, and the token ids of one random caption
+    template each (n, L)."""
     idx = torch.randint(len(mean), (n,), generator=g)
-    x0 = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)
-    return x0, ids[idx, torch.randint(ids.shape[1], (n,), generator=g)]
+    return mean[idx], ids[idx, torch.randint(ids.shape[1], (n,), generator=g)]
 
 
 UNET_TEXT = ("joint", "clip", "clip-tuned")
@@ -487,7 +491,7 @@ def pretrain_unet(cfg: PretrainConfig):
         ema = s["ema"]
         start = s["step"]
         print(f"unet: resumed at step {start}")
-    pool_mean, pool_std, pool_ids = _latent_pool(vae, cfg.unet_pool, cfg.seed + 1, tok)
+    pool_mean, pool_ids = _latent_pool(vae, cfg.unet_pool, cfg.seed + 1, tok)
     n_free = round(cfg.unet_batch * cfg.unet_colourless)  # colourless examples per batch
     if n_free:
         free = _latent_pool(vae, cfg.unet_pool // 2, cfg.seed + 2, tok, colourless=True)
@@ -511,7 +515,7 @@ def pretrain_unet(cfg: PretrainConfig):
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]
         b = cfg.unet_batch
-        x0, ids = _draw(pool_mean, pool_std, pool_ids, b - n_free, g)
+        x0, ids = _draw(pool_mean, pool_ids, b - n_free, g)
         if n_free:
             x0_free, ids_free = _draw(*free, n_free, g)
             x0, ids = torch.cat([x0, x0_free]), torch.cat([ids, ids_free])
