@@ -61,12 +61,12 @@ def test_missing_prompts_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="1 prompts for 3 images"):
         evaluate.load_folder(tmp_path / "imgs")
     with pytest.raises(ValueError, match="3 images but 2 prompts"):
-        evaluate.evaluate_images(torch.rand(3, 3, 8, 8), ["a", "b"], ["asymmetry"])
+        evaluate.score_images(torch.rand(3, 3, 8, 8), ["a", "b"], ["asymmetry"])
 
 
-def test_evaluate_images_values_and_groups():
+def test_score_images_values_and_groups():
     x = torch.rand(4, 3, 16, 16)
-    res = evaluate.evaluate_images(x, ["a"] * 4, ["asymmetry", "jpeg_kb"], batch_size=3, groups=["u", "u", "v", "v"])
+    res = evaluate.score_images(x, ["a"] * 4, ["asymmetry", "jpeg_kb"], batch_size=3, groups=["u", "u", "v", "v"])
     torch.testing.assert_close(torch.tensor(res["per_image"]["asymmetry"]), asymmetry(x))
     torch.testing.assert_close(torch.tensor(res["per_image"]["jpeg_kb"]), jpeg_size_kb(x))
     assert res["by_group"]["v"]["jpeg_kb"] == pytest.approx(float(jpeg_size_kb(x[2:]).mean()))
@@ -77,7 +77,7 @@ def test_eval_cli_writes_csv_json_and_table(tmp_path, capsys):
     files, prompts = write_folder(tmp_path / "imgs", "json")
     clip = make_tiny_clip(tmp_path / "world_clip", image_size=64, patch=8, mean=(0.5,) * 3, std=(0.5,) * 3)
     args = parse(["eval", str(tmp_path / "imgs"), "--metrics", "world_clip,asymmetry,jpeg_kb,hpsv2,prompt_fidelity",
-                  "--reward_paths", f"world_clip={clip},hpsv2={tmp_path / 'absent.pt'}", "--out",
+                  "--reward-paths", f"world_clip={clip},hpsv2={tmp_path / 'absent.pt'}", "--out",
                   str(tmp_path / "out"), "--device", "cpu"])
     result = args.func(args)
     printed = capsys.readouterr().out

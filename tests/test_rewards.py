@@ -116,18 +116,19 @@ def test_nan_images_raise():
 
 
 def test_unreachable_hub_names_what_to_download(monkeypatch, tmp_path):
-    from shortft.rewards import RewardWeightsError, common
+    from shortft import hub
+    from shortft.rewards import RewardWeightsError
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
-    common.hub_reachable.cache_clear()
+    hub.hub_reachable.cache_clear()
     try:
-        with pytest.raises(RewardWeightsError, match=r"HPS_v2_compressed.pt.*--reward_paths hpsv2="):
+        with pytest.raises(RewardWeightsError, match=r"HPS_v2_compressed.pt.*--reward-paths hpsv2="):
             build_reward("hpsv2")
-        with pytest.raises(RewardWeightsError, match=r"PickScore_v1.*--reward_paths pickscore="):
+        with pytest.raises(RewardWeightsError, match=r"PickScore_v1.*--reward-paths pickscore="):
             build_reward("pickscore")
     finally:
-        common.hub_reachable.cache_clear()
+        hub.hub_reachable.cache_clear()
 
 
 def test_ascending_compressibility_shrinks_the_real_jpeg():

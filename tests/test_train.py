@@ -9,19 +9,18 @@ import math
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
-from safetensors.torch import load_file
 
 from conftest import train_overrides
-from shortft import lora
+from shortft import files
 from shortft.backends import SDBackend
 from shortft.cli import main
 from shortft.config import build_config
 from shortft.sample import TimestepLoRASwitch, generate, load_run
-from shortft.train import train
+from shortft.train import build_model, train
 
 
 def _adapters(ckpt_dir):
-    return load_file(ckpt_dir / "adapters.safetensors")
+    return files.load_checkpoint(ckpt_dir)[0]
 
 
 def _latest_ckpt(run):
@@ -33,10 +32,20 @@ def nan_reward(images, prompts):
 
 
 @pytest.fixture(scope="module")
-def shortft_run(tiny, tmp_path_factory):
-    run = tmp_path_factory.mktemp("runs") / "shortft"
-    train(build_config("world", overrides=train_overrides(tiny, run, max_steps=4)))
-    return run
+def trained(tiny, tmp_path_factory):
+    """A 4-step ShortFT run (one step per stage), its in-memory model, and every UNet parameter's value
+    before training (the same seeded build as train's)."""
+    cfg = build_config("world", overrides=train_overrides(tiny, tmp_path_factory.mktemp("runs") / "shortft",
+                                                          max_steps=4))
+    torch.manual_seed(cfg.seed)
+    backend, _ = build_model(cfg, "cpu")
+    before = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
+    return train(cfg), before
+
+
+@pytest.fixture(scope="module")
+def shortft_run(trained):
+    return trained[0].dir
 
 
 def test_run_folder_contents(shortft_run):
@@ -49,24 +58,24 @@ def test_run_folder_contents(shortft_run):
     assert any((shortft_run / "tb").iterdir())
 
 
-def test_trainable_changed_frozen_did_not(tiny, shortft_run):
-    b = SDBackend.load(tiny["model"])  # the untouched base weights
-    lora.load_lora(b.unet, tiny["shortcut"], "shortcut")
-    start = {n: p.detach().clone() for n, p in b.unet.named_parameters()}
-    trained = _adapters(_latest_ckpt(shortft_run))
-    # every LoRA B matrix started at zero; each adapter moved during its stages
-    for j in range(1, 5):
-        bs = [v for k, v in trained.items() if f".lora{j}." in k and "lora_B" in k]
-        assert bs and any(v.abs().sum() > 0 for v in bs), f"lora{j} never changed"
-    # base and shortcut weights in the run equal the originals: load the run and compare
-    b2, _, _ = load_run(shortft_run)
-    now = dict(b2.unet.named_parameters())
-    for n, p in start.items():
-        key = n.replace(".shortcut.", ".shortcut.")
-        if ".lora_" not in n:
-            assert torch.equal(now[key], p), f"frozen weight {n} changed"
-        elif ".shortcut." in n:
-            assert torch.equal(now[n], p), f"shortcut weight {n} changed"
+def test_trainable_changed_frozen_did_not(trained):
+    """On the trained in-memory UNet: every parameter of lora1..lora4 moved from its initial value (each
+    adapter's B matrices from zero), every base and shortcut weight is bit-identical to before training."""
+    run, before = trained
+    now = dict(run.backend.unet.named_parameters())
+    assert now.keys() == before.keys()
+    adapters = run.method.adapter_names()
+    assert adapters == ["lora1", "lora2", "lora3", "lora4"]
+    for name, p in now.items():
+        if any(f".{a}." in name for a in adapters):
+            assert not torch.equal(p, before[name]), f"trainable {name} did not change"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    assert sum(".shortcut." in n for n in now) > 0  # the shortcut's weights were among the frozen ones
+    for a in adapters:
+        assert all(before[n].abs().sum() == 0 < now[n].abs().sum() for n in now if f".{a}." in n and "lora_B" in n)
+    saved = _adapters(_latest_ckpt(run.dir))  # and the last checkpoint holds exactly the trained values
+    assert all(torch.equal(saved[n], now[n].detach()) for n in saved)
 
 
 def test_resume_is_exact(tiny, tmp_path):

@@ -15,12 +15,11 @@ from shortft.chain import Plan, Step, run_plan, sampling_plan
 from shortft.cli import main
 from shortft.config import build_config
 from shortft.methods import METHODS
+from shortft.methods.base import shortcut_file
 from shortft.sample import generate
-from shortft.train import resolve_shortcut
 from shortft.world import ASSETS, WORLD_CLIP, WORLD_MODEL, WORLD_SHORTCUT
 from shortft.world.evaluator import prompt_fidelity
-from shortft.world.pretrain import one_attribute_wrong
-from shortft.world.scenes import caption, prompt_split, render, sample_scenes
+from shortft.world.scenes import caption, one_attribute_wrong, prompt_split, render, sample_scenes
 
 
 def test_assets_are_small_safetensors():
@@ -67,8 +66,7 @@ def test_shipped_shortcut_preserves_trajectories():
     one-step DDIM jump of the base model from the same point."""
     backend = SDBackend.load("world")
     cfg = build_config("world")
-    resolve_shortcut(cfg)  # "" -> the shipped shortcut, as `shortft train` does
-    assert cfg.shortcut == str(WORLD_SHORTCUT)
+    assert cfg.shortcut == "" and shortcut_file(cfg) == str(WORLD_SHORTCUT)  # "" names the shipped shortcut
     method = METHODS["shortft"](cfg)
     method.setup(backend)  # loads the shipped shortcut as a frozen adapter
     ts = backend.timesteps(50)
@@ -103,34 +101,3 @@ def test_two_step_train_on_the_shipped_world(tmp_path):
     assert summary["steps"] == 2
 
 
-def test_probe_separates_the_vae_the_text_and_the_unet():
-    """The probe behind docs/world.md's diagnosis of position: captions differ in one phrase only, the
-    VAE carries position (the evaluator reads it back from every reconstruction), and changing a word
-    moves the text features."""
-    from shortft.world.probe import _captions, probe
-
-    caps, values, recoloured = _captions("position")
-    assert len(caps) == len(values) == 5 and len(set(caps)) == 5
-    assert all(c.replace(p, "") == caps[0].replace("on the left", "")
-               for c, p in zip(caps, ["on the left", "on the right", "at the top", "at the bottom", "in the center"]))
-    assert recoloured == caps[0].replace("red", "green")
-    r = probe(attribute="position", noises=1)
-    assert r["vae_readback"] == 1.0
-    assert r["text_moved_colour"] > 1.0 and min(r["text_moved"].values()) > 0
-    assert set(r["samples"]) == set(values) and all(len(v) == 1 for v in r["samples"].values())
-
-
-def test_splice_probe_baseline_is_the_stock_pipeline_and_every_row_is_measured():
-    """probe --splice: its unspliced row reproduces `generate` (same seeds, same stock pipeline) exactly,
-    and every splice is scored on the same prompts."""
-    from shortft.world.evaluate_world import generate, load_pipeline
-    from shortft.world.evaluator import prompt_fidelity
-    from shortft.world.probe import SPLICES, splice
-    from shortft.world.scenes import prompt_split
-
-    r = splice(count=3, batch=3)
-    prompts = prompt_split("heldout")[:3]
-    assert list(r) == list(SPLICES)
-    assert r["none"] == prompt_fidelity(generate(load_pipeline(), prompts, 50, 5.0, 0), prompts)
-    # with every position after the colour word from the red caption, no held-out colour survives
-    assert r["words after the colour + end-of-text and padding"]["colour"] < 1.0

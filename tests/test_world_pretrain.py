@@ -3,14 +3,13 @@ part lower its loss and write folders that load through diffusers/transformers."
 
 import dataclasses
 import json
-import math
 import shutil
 
 import open_clip
 import pytest
 import torch
 
-from shortft.world import pretrain as P
+from shortft.factory import pretrain as P
 from shortft.world.scenes import caption, prompt_split, sample_scenes
 
 
@@ -98,33 +97,6 @@ def test_unet_can_use_the_frozen_clip_text_tower(tiny_out):
     assert moved and "embeddings.token_embedding.weight" in moved
 
 
-def test_colourless_pool_recolours_and_drops_the_colour_word(tiny_out, monkeypatch):
-    """unet_colourless: a second latent pool of random-colour objects whose captions name no colour;
-    the normal pool keeps palette colours and colour words."""
-    from diffusers import AutoencoderKL
-
-    from shortft.world.scenes import COLOURS, TEMPLATES
-
-    cfg, tok = tiny_out
-    if not (cfg.out / "model" / "vae").is_dir():
-        P.pretrain_vae(cfg)
-    vae = AutoencoderKL.from_pretrained(cfg.out / "model" / "vae").eval()
-    colour_ids = {int(i) for c in COLOURS for i in tok(c, add_special_tokens=False).input_ids}
-    normal = P._latent_pool(vae, 8, 5, tok)
-    free = P._latent_pool(vae, 8, 5, tok, colourless=True)
-    assert free[1].shape == normal[1].shape == (8, len(TEMPLATES), P.MAX_TOKENS)
-    assert all(colour_ids & set(row.tolist()) for row in normal[1].flatten(0, 1))
-    assert not any(colour_ids & set(row.tolist()) for row in free[1].flatten(0, 1))
-    assert not torch.allclose(free[0], normal[0])  # same scenes, other object colours
-    cfg2 = dataclasses.replace(cfg, unet_colourless=0.5, unet_text="joint", work_dir=cfg.work_dir / "free")
-    drawn, draw = [], P._draw
-    monkeypatch.setattr(P, "_draw", lambda mean, *a: drawn.append((len(mean), a[-2])) or draw(mean, *a))
-    _, _, losses = P.pretrain_unet(cfg2)  # tiny: 4 steps of batch 4, two rows of each from the colourless pool
-    assert len(losses) == cfg2.unet_steps and all(math.isfinite(v) for v in losses)
-    pools = cfg2.unet_pool, cfg2.unet_pool // 2  # (normal pool size, colourless pool size)
-    assert drawn == [(pools[0], 2), (pools[1], 2)] * cfg2.unet_steps
-
-
 def test_unet_trains_on_posterior_means_not_samples(tiny_out):
     """The encoder's posterior std is untrained (the reconstruction uses the mean, the KL weight is tiny),
     so the UNet's latents must be the means themselves: each drawn latent equals one scene's encoding."""
@@ -173,63 +145,3 @@ def test_shortcut_part_distils_the_finished_model(tiny_out):
         torch.testing.assert_close(loaded[k], sd[k].float())
 
 
-def test_swap_shape_colour_changes_only_those_words_and_never_to_a_heldout_pair(tiny_out):
-    from shortft.world.scenes import COLOURS, SHAPES, is_heldout
-
-    _, tok = tiny_out
-    caps = [caption(s, i) for i, s in enumerate(sample_scenes(200, "train", seed=1))]
-    caps += [caption(s, 0, colour=False) for s in sample_scenes(20, "train", seed=2)] + [""]
-    ids = P.tokenize(tok, caps)
-    words = P.word_ids(tok, SHAPES), P.word_ids(tok, COLOURS)
-    donor = P.swap_shape_colour(ids, *words, torch.Generator().manual_seed(0))
-    word = {tok(w, add_special_tokens=False).input_ids[0]: w for w in (*SHAPES, *COLOURS)}
-    changed = 0
-    for a, b, c in zip(ids.tolist(), donor.tolist(), caps):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert x == y or (x in word and y in word), c  # only shape and colour words move
-        new = [word[y] for y in b if y in word]
-        shape = [w for w in new if w in SHAPES]
-        colour = [w for w in new if w in COLOURS]
-        if c:
-            assert len(shape) == 1 and not (colour and is_heldout(shape[0], colour[0])), c
-        changed += a != b
-    assert changed > 150  # 16 of 17 train pairs differ from any given one
-    mask = P.summary_mask(ids, tok.eos_token_id)
-    n_words = (ids != tok.eos_token_id).sum(1) - 1  # tokens before end-of-text, start token included
-    assert torch.equal(mask.sum(1), P.MAX_TOKENS - n_words - 1)
-    assert (ids[mask] == tok.eos_token_id).all() and mask[:, -1].all() and not mask[:, 0].any()
-
-
-def test_summary_swap_feeds_the_unet_the_donor_summary_and_the_own_words(tiny_out, monkeypatch):
-    """unet_summary_swap = 1: at every end-of-text/padding position the UNet's context is the text
-    tower's state for the shape-and-colour-swapped caption, at every other position the caption's own."""
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    cfg, tok = tiny_out
-    if not (cfg.out / "model" / "vae").is_dir():
-        P.pretrain_vae(cfg)
-    cfg2 = dataclasses.replace(cfg, unet_summary_swap=1.0, unet_text="joint", work_dir=cfg.work_dir / "swap")
-    texts, contexts = [], []
-    text_fwd, unet_fwd = CLIPTextModel.forward, UNet2DConditionModel.forward
-
-    def text_rec(self, input_ids=None, *a, **k):
-        out = text_fwd(self, input_ids, *a, **k)
-        texts.append((input_ids.clone(), out.last_hidden_state.detach().clone()))
-        return out
-
-    def unet_rec(self, sample, timestep, encoder_hidden_states=None, *a, **k):
-        contexts.append(encoder_hidden_states.detach().clone())
-        return unet_fwd(self, sample, timestep, encoder_hidden_states, *a, **k)
-    monkeypatch.setattr(CLIPTextModel, "forward", text_rec)
-    monkeypatch.setattr(UNet2DConditionModel, "forward", unet_rec)
-    P.pretrain_unet(cfg2)
-    texts = texts[-2 * cfg2.unet_steps:]  # the training loop's calls: (own, donor) per step
-    assert len(contexts) == cfg2.unet_steps
-    for step, ctx in enumerate(contexts):
-        (ids, own), (donor_ids, donor) = texts[2 * step], texts[2 * step + 1]
-        mask = P.summary_mask(ids, tok.eos_token_id)
-        assert torch.equal(P.summary_mask(donor_ids, tok.eos_token_id), mask)  # same lengths
-        assert torch.equal(ctx[mask], donor[mask]) and torch.equal(ctx[~mask], own[~mask])
-    assert any(not torch.equal(own, donor) for (_, own), (_, donor) in zip(texts[::2], texts[1::2]))

@@ -1,5 +1,10 @@
 """shortft: align text-to-image diffusion models with rewards by backpropagating through the denoising chain.
-overrides work too. Bad input ends with a one-line error and exit status 2, before anything is written."""
+
+`shortft` with no arguments runs `shortft train` (ShortFT on the embedded world). Every config field is a
+`--flag` and a `key=value` override. Bad input (a `UserError`: unknown key, wrong type, missing model or
+file) ends with a one-line error and exit status 2, before anything is written; any other exception is a
+bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,31 @@ import argparse
 import sys
 from pathlib import Path
 
-from shortft.config import FIELDS, PRESETS, ConfigError, build_config, coerce, field_comments, parse_overrides
-from shortft.rewards.common import RewardWeightsError
+from shortft import config
+from shortft.errors import UserError
+
+
+def registry_help() -> dict[str, str]:
+    """The method and reward names for `--help`, read from their registries."""
+    from shortft.methods import METHODS
+    from shortft.rewards import reward_names
+
+    return {"method": f"one of: {', '.join(METHODS)}",
+            "reward": f"built-in rewards: {', '.join(reward_names())}"}
 
 
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="align a model with a reward (default: ShortFT on the embedded world)",
                        description="Train LoRA adapters by backpropagating a reward through the denoising chain.")
-    p.add_argument("--preset", choices=list(PRESETS), help="defaults to 'world' for --model world, else 'sd15'")
+    p.add_argument("--preset", choices=list(config.TRAIN_PRESETS),
+                   help="defaults to 'world' for --model world, else 'sd15'")
     p.add_argument("--config", help="YAML file of config keys")
-    helps = field_comments()
-    for name in FIELDS:
-        p.add_argument(f"--{name.replace('_', '-')}", dest=f"cfg_{name}", metavar="V", help=helps.get(name))
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-4 tlora=false")
+    config.add_arguments(p, config.TrainConfig, registry_help())
     p.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
-    overrides = {k[4:]: coerce(k[4:], v) for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    overrides.update(parse_overrides(args.overrides))
-    cfg = build_config(args.preset, args.config, overrides)
+    cfg = config.build_config(args.preset, args.config, config.overrides_from_args(config.TrainConfig, args))
     from shortft.train import train
 
     train(cfg)
@@ -63,24 +73,24 @@ def run_sample(args) -> int:
     return 0
 
 
-def _commands() -> list:
-    """Each entry adds one subcommand to the parser; other modules register theirs the same way."""
+def commands() -> list:
+    """Each entry adds one subcommand to the parser."""
     from shortft import bench, distill, evaluate
-    from shortft.world import cli as world_cli
+    from shortft.factory import cli as factory_cli
 
-    return [add_train, add_sample, evaluate.register, distill.add_distill, bench.register, world_cli.register]
+    return [add_train, add_sample, evaluate.register, distill.register, bench.register, factory_cli.register]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="shortft", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in _commands():
+    for add in commands():
         add(sub)
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv or ["train"])  # no arguments: the main job
     try:
-        return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError, RewardWeightsError) as err:
+        return args.func(args) or 0
+    except UserError as err:
         print(f"shortft: error: {err}", file=sys.stderr)
         return 2
 

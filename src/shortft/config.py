@@ -1,24 +1,221 @@
-"""One typed training config, its presets, and strict parsing (unknown keys and wrong types are errors).
+"""The config system: typed dataclasses with a comment on every field, presets, and strict parsing.
 
-Precedence: preset < --config file.yaml < command-line `--key value` / `key=value`. The preset defaults
-to "world" when the model is the embedded world and "sd15" for any other model.
+Every command's settings (`TrainConfig` here, `DistillConfig`, the asset factory's `PretrainConfig`)
+are plain dataclasses. One nesting level is allowed: a field whose type is itself a dataclass is a
+section, addressed with a dot (`vae.steps=500`). The machinery below is shared by all of them:
+
+- `field_help(cls)`: each field's trailing comment, the `--help` text (one source of truth);
+- `coerce(cls, key, value)`: a command-line string or YAML value to the field's type, strictly:
+  unknown keys, wrong types, values outside a `Literal[...]` and non-finite numbers are `ConfigError`s
+  that name the valid choices;
+- `build(cls, presets, preset, file, overrides)`: preset < YAML file < command line.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import inspect
 import io
+import math
 import tokenize
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from shortft.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A bad key or value; the CLI prints it on one line and exits with status 2."""
+# --- the machinery ---------------------------------------------------------------------------------------------
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
 
 
+def _is_section(typ) -> bool:
+    return dataclasses.is_dataclass(typ)
+
+
+def keys(cls) -> dict[str, type]:
+    """Every settable key of `cls` with its type; section fields appear as `section.field`."""
+    out = {}
+    for name, typ in _hints(cls).items():
+        if name.startswith("_"):
+            continue
+        if _is_section(typ):
+            out.update({f"{name}.{k}": t for k, t in keys(typ).items()})
+        else:
+            out[name] = typ
+    return out
+
+
+def field_help(cls) -> dict[str, str]:
+    """The trailing comment of every field (sections included, as `section.field`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    out, current = {}, None
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names and current is None:
+            current = tok.string
+        elif tok.type == tokenize.COMMENT and current:
+            out[current] = tok.string.lstrip("# ")
+            current = None
+        elif tok.type == tokenize.NEWLINE:
+            current = None
+    for name, typ in _hints(cls).items():
+        if _is_section(typ):
+            out.update({f"{name}.{k}": v for k, v in field_help(typ).items()})
+    return out
+
+
+def _type_name(typ) -> str:
+    if typing.get_origin(typ) is Literal:
+        return "one of " + ", ".join(map(str, typing.get_args(typ)))
+    if typing.get_origin(typ) is list:
+        return f"list of {typing.get_args(typ)[0].__name__}"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _scalar(typ, value):
+    """Convert one value to `typ` (bool, int, float, str); ValueError/TypeError when it is not one."""
+    if isinstance(value, bool) and typ is not bool:
+        raise TypeError
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("true", "1", "yes", "on"):
+            return True
+        if text in ("false", "0", "no", "off"):
+            return False
+        raise ValueError
+    if typ is int:
+        if isinstance(value, float):
+            raise TypeError
+        return int(value)
+    if typ is float:
+        number = float(value)
+        if not math.isfinite(number):
+            raise OverflowError
+        return number
+    if typ is str:
+        if not isinstance(value, str | int | float):
+            raise TypeError
+        return str(value)
+    raise TypeError
+
+
+def coerce(cls, key: str, value):
+    """`value` (a command-line string or a YAML value) as the type of field `key` of `cls`."""
+    known = keys(cls)
+    if key not in known:
+        close = difflib.get_close_matches(key, known, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(known)}"
+        raise ConfigError(f"unknown config key {key!r}{hint}")
+    typ = known[key]
+    if typing.get_origin(typ) is Literal:
+        choices = typing.get_args(typ)
+        if str(value) not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(choices)}")
+        return str(value)
+    try:
+        if typing.get_origin(typ) is list:
+            inner = typing.get_args(typ)[0]
+            items = value if isinstance(value, list) else [v for v in str(value).strip("[]").split(",") if v.strip()]
+            return [_scalar(inner, v.strip() if isinstance(v, str) else v) for v in items]
+        return _scalar(typ, value)
+    except OverflowError:
+        raise ConfigError(f"config key {key!r} needs a finite number, got {value!r}") from None
+    except (ValueError, TypeError):
+        raise ConfigError(f"config key {key!r} expects {_type_name(typ)}, got {value!r}") from None
+
+
+def make(cls, values: dict):
+    """An instance of `cls` from already-coerced flat values (`section.field` keys for sections)."""
+    own, sections = {}, {}
+    for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if dot:
+            sections.setdefault(head, {})[rest] = value
+        else:
+            own[key] = value
+    for name, typ in _hints(cls).items():
+        if _is_section(typ):
+            own[name] = make(typ, sections.pop(name, {}))
+    return cls(**own)
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """{'vae': {'steps': 5}, 'seed': 0} -> {'vae.steps': 5, 'seed': 0}."""
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def from_dict(cls, data: dict):
+    """Rebuild a saved config (nested or flat keys) strictly."""
+    return make(cls, {k: coerce(cls, k, v) for k, v in flatten(data).items()})
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def parse_overrides(cls, items: list[str]) -> dict:
+    """['lr=1e-4', 'tlora=false'] -> {'lr': 1e-4, 'tlora': False} (typed; errors name the key)."""
+    out = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key = key.strip().replace("-", "_")
+        out[key] = coerce(cls, key, value)
+    return out
+
+
+def load_yaml(cls, path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {path!r} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
+    return {k: coerce(cls, k, v) for k, v in flatten(data).items()}
+
+
+def build(cls, presets: dict[str, dict], preset: str, file: str | None = None, overrides: dict | None = None):
+    """preset < YAML file < overrides, every value coerced strictly."""
+    if preset not in presets:
+        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(presets)}")
+    values = {**presets[preset], **(load_yaml(cls, file) if file else {}), **(overrides or {})}
+    return make(cls, {k: coerce(cls, k, v) for k, v in values.items()})
+
+
+def add_arguments(parser, cls, extra_help: dict[str, str] | None = None) -> None:
+    """A `--key` flag for every key of `cls` (`--section.key` for sections), help from the comments,
+    and trailing `key=value` overrides; `overrides_from_args` reads both back."""
+    helps, extra = field_help(cls), extra_help or {}
+    for key, typ in keys(cls).items():
+        text = helps.get(key, "")
+        if typing.get_origin(typ) is Literal:
+            text += f" ({'|'.join(typing.get_args(typ))})"
+        parser.add_argument(f"--{key.replace('_', '-')}", dest=f"cfg:{key}", metavar="V",
+                            help=f"{text} {extra.get(key, '')}".strip())
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lr=1e-4")
+
+
+def overrides_from_args(cls, args) -> dict:
+    out = {k[4:]: coerce(cls, k[4:], v) for k, v in vars(args).items() if k.startswith("cfg:") and v is not None}
+    out.update(parse_overrides(cls, args.overrides))
+    return out
+
+
+# --- training ---------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
     # --- model --------------------------------------------------------------------------------------------
@@ -26,11 +223,11 @@ class TrainConfig:
     shortcut: str = ""  # shortcut LoRA: local file or repo_id/filename; "" = the world's shipped shortcut
     shortcut_scale: float = 1.0  # multiplier on the shortcut LoRA (Hyper-SD's N-step LoRAs use 1.0)
     shortcut_guidance: float = 1.0  # CFG of shortcut steps; Hyper-SD is distilled without CFG, so 1 (off)
-    dtype: str = "auto"  # storage dtype of the frozen weights: fp32, fp16, bf16; auto = fp16 on a GPU, else fp32
-    mixed_precision: str = "auto"  # accelerate autocast: no, fp16, bf16; auto = fp16 on a GPU, else no (LoRAs stay fp32)
+    dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # storage dtype of the frozen weights; auto = fp16 on a GPU, else fp32
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # accelerate autocast; auto = fp16 on a GPU, else no (LoRAs stay fp32)
     cpu: bool = False  # force the CPU even where a GPU is present
     # --- method -------------------------------------------------------------------------------------------
-    method: str = "shortft"  # a name from shortft.methods.METHODS
+    method: str = "shortft"  # the fine-tuning method
     num_steps: int = 50  # DDIM sampling steps of the original chain (the paper: 50)
     guidance: float = 5.0  # CFG scale of the original chain (SD 1.5: 7.5 as in DRaFT)
     lora_rank: int = 8  # LoRA rank on attention + feed-forward layers (paper: 128 on SD 1.5)
@@ -40,10 +237,10 @@ class TrainConfig:
     stage_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # ShortFT: share of max_steps per stage
     tlora: bool = True  # ShortFT: timestep-aware stacked LoRAs (false = one LoRA at every step, ablation)
     progressive: bool = True  # ShortFT: k-stage progressive training (false = stage-1 chain throughout)
-    inner_weights: str = "base"  # ShortFT: weights at inner timesteps of segments 2..k: base, prev, stack
+    inner_weights: Literal["base", "prev", "stack"] = "base"  # ShortFT: weights at inner timesteps of segments 2..k
     draft_k: int = 1  # DRaFT-K: last steps that carry gradient
     lv_copies: int = 2  # DRaFT-LV: extra re-noised copies of the last step (n)
-    alignprop_cut: str = "gaussian"  # AlignProp truncation draw: gaussian (42 +- 5 of 50), uniform, fixed
+    alignprop_cut: Literal["gaussian", "uniform", "fixed"] = "gaussian"  # AlignProp truncation draw: gaussian = 42 +- 5 of 50
     drtune_k: int = 5  # DRTune: equally spaced steps trained with detached input
     drtune_m: int = 10  # DRTune: early stop drawn among the last M steps
     refl_window: int = 10  # ReFL: gradient step drawn among the last N steps (ImageReward: 10 of 40)
@@ -56,7 +253,7 @@ class TrainConfig:
     eval_prompts: str = "world-heldout"  # prompts for grids and before/after figures (held out)
     eval_count: int = 32  # number of eval prompts (one fixed seed each) for the before/after summary
     # --- optimisation -------------------------------------------------------------------------------------
-    max_steps: int = 120  # optimiser steps (world: ~4.5 min on 2 CPU cores)
+    max_steps: int = 120  # optimiser steps
     batch_size: int = 4  # prompts per rollout per process
     grad_accum: int = 1  # rollouts accumulated per optimiser step
     lr: float = 2e-3  # AdamW learning rate
@@ -74,9 +271,10 @@ class TrainConfig:
     resume: str = ""  # run folder to continue from its latest checkpoint
 
 
-PRESETS: dict[str, dict] = {
-    # The embedded world on a laptop CPU: the zero-argument `shortft train`.
-    "world": {"shortcut_guidance": 5.0},  # the world's shortcut is distilled with a CFG-5 student (docs/world.md)
+TRAIN_PRESETS: dict[str, dict] = {
+    # The embedded world on a laptop CPU: the zero-argument `shortft train`. Its shortcut is distilled
+    # with a CFG-5 student (docs/distill.md), so its shortcut steps run CFG 5 too.
+    "world": {"shortcut_guidance": 5.0},
     # Stable Diffusion 1.5 as in the paper (GPU): Hyper-SD 4-step LoRA as the shortcut, HPS v2 reward.
     "sd15": dict(model="runwayml/stable-diffusion-v1-5",
                  shortcut="ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors",
@@ -84,136 +282,37 @@ PRESETS: dict[str, dict] = {
                  eval_prompts="simple-animals", eval_count=8, max_steps=2000, batch_size=2, lr=1e-4,
                  grid_every=100, checkpoint_every=100),
 }
-PRESETS["sd15-tiny"] = {**PRESETS["sd15"], "max_steps": 10}  # a quick end-to-end check on one GPU
-
-FIELDS = {f.name: f for f in fields(TrainConfig)}
+TRAIN_PRESETS["sd15-tiny"] = {**TRAIN_PRESETS["sd15"], "max_steps": 10}  # a quick end-to-end check on one GPU
 
 
-def field_comments() -> dict[str, str]:
-    """The trailing comment of every config field: the CLI's help text (one source of truth)."""
-    src = inspect.getsource(TrainConfig)
-    out, current = {}, None
-    for tok in tokenize.generate_tokens(io.StringIO(src).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in FIELDS:
-            current = tok.string
-        elif tok.type == tokenize.COMMENT and current:
-            out[current] = tok.string.lstrip("# ")
-            current = None
-        elif tok.type == tokenize.NEWLINE:
-            current = None
-    return out
-
-
-def _field_type(name: str):
-    return typing.get_type_hints(TrainConfig)[name]
-
-
-def coerce(name: str, value):
-    """Convert `value` (a string from the command line, or a YAML value) to field `name`'s type."""
-    if name not in FIELDS:
-        close = difflib.get_close_matches(name, FIELDS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; valid keys: {', '.join(FIELDS)}"
-        raise ConfigError(f"unknown config key {name!r}{hint}")
-    typ = _field_type(name)
-    try:
-        if typ is bool:
-            if isinstance(value, bool):
-                return value
-            if str(value).lower() in ("true", "1", "yes", "on"):
-                return True
-            if str(value).lower() in ("false", "0", "no", "off"):
-                return False
-            raise ValueError
-        if typing.get_origin(typ) is list:
-            items = value if isinstance(value, list) else [v for v in str(value).strip("[]").split(",") if v.strip()]
-            return [float(v) for v in items]
-        if typ is int:
-            if isinstance(value, float) or isinstance(value, bool):
-                raise ValueError
-            return int(value)
-        if typ is float:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        if typ is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise ValueError
-            return str(value)
-    except (ValueError, TypeError):
-        pass
-    tname = typ.__name__ if isinstance(typ, type) else str(typ)
-    raise ConfigError(f"config key {name!r} expects {tname}, got {value!r}")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """['lr=1e-4', 'tlora=false'] -> {'lr': 1e-4, 'tlora': False} (typed; errors name the key)."""
-    out = {}
-    for item in items:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ConfigError(f"override {item!r} is not key=value")
-        out[key.strip().replace("-", "_")] = coerce(key.strip().replace("-", "_"), value)
-    return out
-
-
-def load_yaml(path: str) -> dict:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {path!r} does not exist")
-    data = yaml.safe_load(p.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path!r} must hold a mapping of keys to values")
-    return {k: coerce(k, v) for k, v in data.items()}
+def default_preset(model: str) -> str:
+    """The preset a model gets when none is named: the world's for the world, SD 1.5's otherwise."""
+    return "world" if model == "world" else "sd15"
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Compose preset, file and overrides into a validated TrainConfig."""
     overrides = dict(overrides or {})
-    from_file = load_yaml(file) if file else {}
-    model = overrides.get("model", from_file.get("model", "world"))
-    if preset is None:
-        preset = "world" if model == "world" else "sd15"
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    values = {**PRESETS[preset], **from_file, **overrides}
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    model = overrides.get("model") or (load_yaml(TrainConfig, file).get("model") if file else None) or "world"
+    cfg = build(TrainConfig, TRAIN_PRESETS, preset or default_preset(model), file, overrides)
     validate(cfg)
     return cfg
 
 
-CHOICES = {"dtype": ("auto", "fp32", "fp16", "bf16"), "mixed_precision": ("auto", "no", "fp16", "bf16"),
-           "inner_weights": ("base", "prev", "stack"), "alignprop_cut": ("gaussian", "uniform", "fixed")}
-
-
 def validate(cfg: TrainConfig) -> None:
-    """Cheap checks that need no model: choices, positive sizes, known method and reward names."""
+    """Checks that need no model: the method and reward names (from their registries), positive sizes,
+    and each method's own constraints (`Method.check`)."""
     from shortft.methods import METHODS
     from shortft.rewards import validate_reward_spec
 
-    for key, choices in CHOICES.items():
-        if getattr(cfg, key) not in choices:
-            raise ConfigError(f"{key}={getattr(cfg, key)!r} is not one of {', '.join(choices)}")
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
-    try:
-        validate_reward_spec(cfg.reward)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    for key in ("num_steps", "batch_size", "grad_accum", "max_steps", "lora_rank", "segments", "eval_count"):
+    validate_reward_spec(cfg.reward)
+    for key in ("num_steps", "batch_size", "grad_accum", "max_steps", "lora_rank", "segments", "eval_count",
+                "checkpoint_every", "log_every"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.method == "drtune" and not (1 <= cfg.drtune_m <= cfg.num_steps and cfg.drtune_k <= cfg.num_steps - cfg.drtune_m + 1):
-        raise ConfigError(f"drtune_k={cfg.drtune_k}, drtune_m={cfg.drtune_m} do not fit num_steps={cfg.num_steps}")
-    if cfg.method == "shortft" and len(cfg.stage_fractions) != cfg.segments:
-        raise ConfigError(f"stage_fractions has {len(cfg.stage_fractions)} entries but segments={cfg.segments}")
-
-
-def to_dict(cfg: TrainConfig) -> dict:
-    return asdict(cfg)
-
-
-def from_dict(data: dict) -> TrainConfig:
-    """Rebuild a saved config (a run folder's config.yaml) strictly."""
-    return TrainConfig(**{k: coerce(k, v) for k, v in data.items()})
+    for key in ("guidance", "shortcut_guidance", "lr", "time_budget", "max_grad_norm", "reg_weight", "weight_decay"):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    METHODS[cfg.method].check(cfg)

@@ -46,17 +46,17 @@ the shortcut's one-step jump from each segment's first 50-step timestep to its l
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
 import random
 import time
-import tokenize
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
+
+from shortft.errors import ConfigError
 
 # torch, peft and diffusers are imported inside the functions: the CLI imports this module to register
 # `shortft distill`, and `shortft --help` should not pay for them.
@@ -106,26 +106,11 @@ TARGETS = {"attn_ff": _ATTN_FF,  # the CFG-free student must also learn what gui
            "all": _ATTN_FF + ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")}
 
 
-def _field_comments(cls) -> dict[str, str]:
-    """The trailing comment of each dataclass field: the CLI help text."""
-    import inspect
-
-    out, current = {}, None
-    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(cls)).readline):
-        if tok.type == tokenize.NAME and tok.start[1] == 4 and current is None:
-            current = tok.string
-        elif tok.type == tokenize.COMMENT and current:
-            out[current] = tok.string.lstrip("# ")
-        elif tok.type == tokenize.NEWLINE:
-            current = None
-    return out
-
-
 def model_defaults(model: str) -> dict:
     """ShortFT's own defaults for this model: the CFG scale of its chain and its prompt sets."""
-    from shortft.config import PRESETS, TrainConfig
+    from shortft.config import TRAIN_PRESETS, TrainConfig, default_preset
 
-    preset = {**asdict(TrainConfig()), **PRESETS["world" if model == "world" else "sd15"]}
+    preset = {**asdict(TrainConfig()), **TRAIN_PRESETS[default_preset(model)]}
     return {"guidance": preset["guidance"], "prompts": preset["prompts"], "eval_prompts": preset["eval_prompts"]}
 
 
@@ -152,7 +137,7 @@ def segment_layout(timesteps: list[int], k: int) -> list[dict]:
         edge = b[j] - 1  # grid index of the segment's last timestep (ShortFT's landing point)
         first = b[j - 1] - 1 if j > 1 else 0  # the previous edge belongs here too: k-step sampling starts there
         if edge - first < 1:
-            raise ValueError(f"segments={k} with num_steps={len(timesteps)} leaves segment {j} without an "
+            raise ConfigError(f"segments={k} with num_steps={len(timesteps)} leaves segment {j} without an "
                              "inner step; use fewer segments or more steps")
         out.append({"train": list(range(first, edge)), "edge": edge, "start": b[j - 1],
                     "anchors": sorted({first, b[j - 1]})})
@@ -327,7 +312,7 @@ def load_checkpoint(path: Path, unet, optimizer, cfg: DistillConfig, rng, genera
     new = {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
     if old != new:
         diff = {k: (old.get(k), new[k]) for k in new if old.get(k) != new[k]}
-        raise ValueError(f"checkpoint {path} was made with a different config {diff} (old, new); "
+        raise ConfigError(f"checkpoint {path} was made with a different config {diff} (old, new); "
                          "pass --fresh to start over or use another --work-dir")
     for name in (STUDENT, EMA):
         params = dict(_adapter_named(unet, name))
@@ -351,18 +336,18 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     from shortft.train import DTYPES as TORCH_DTYPES
 
     if not cfg.out:
-        raise ValueError("distill needs --out FILE.safetensors")
+        raise ConfigError("distill needs --out FILE.safetensors")
     if cfg.targets not in TARGETS:
-        raise ValueError(f"targets {cfg.targets!r} not in {list(TARGETS)}")
+        raise ConfigError(f"targets {cfg.targets!r} not in {list(TARGETS)}")
     for name in ("dtype", "save_dtype"):
         if getattr(cfg, name) not in DTYPES:
-            raise ValueError(f"{name} {getattr(cfg, name)!r} not in {list(DTYPES)}")
+            raise ConfigError(f"{name} {getattr(cfg, name)!r} not in {list(DTYPES)}")
     if cfg.decay not in DECAYS:
-        raise ValueError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
+        raise ConfigError(f"decay {cfg.decay!r} not in {list(DECAYS)}")
     dtype = TORCH_DTYPES[cfg.dtype]
     if (not 0 <= cfg.ema < 1 or not 0 <= cfg.noised_fraction <= 1 or not 0 <= cfg.anchor_fraction <= 1
             or cfg.teacher_steps < 0 or cfg.pool < 1):
-        raise ValueError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, 0 <= anchor_fraction <= 1, "
+        raise ConfigError("need 0 <= ema < 1, 0 <= noised_fraction <= 1, 0 <= anchor_fraction <= 1, "
                          f"teacher_steps >= 0, pool >= 1; got ema={cfg.ema}, noised_fraction={cfg.noised_fraction}, "
                          f"anchor_fraction={cfg.anchor_fraction}, teacher_steps={cfg.teacher_steps}, pool={cfg.pool}")
     defaults = model_defaults(cfg.model)
@@ -617,7 +602,9 @@ def add_distill(sub) -> None:
     """Register `shortft distill` (train a shortcut) and `shortft distill --eval` (measure one)."""
     p = sub.add_parser("distill", help="make a trajectory-preserving shortcut LoRA for a model (or --eval one)",
                        description=__doc__.splitlines()[0])
-    helps = _field_comments(DistillConfig)
+    from shortft.config import field_help
+
+    helps = field_help(DistillConfig)
     for f in fields(DistillConfig):
         p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=type(f.default), default=f.default,
                        metavar="V", help=helps.get(f.name))
@@ -637,10 +624,13 @@ def run_distill(args) -> int:
         torch.set_num_threads(args.threads)
     if args.eval:
         if not args.shortcut:
-            raise ValueError("--eval needs --shortcut FILE")
+            raise ConfigError("--eval needs --shortcut FILE")
         evaluate_shortcut(args.model, args.shortcut, args.prompts, args.count, args.segments, args.num_steps,
                           args.guidance, args.device, args.json, args.grid, args.student_guidance)
         return 0
     cfg = DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)})
     distill(cfg, fresh=args.fresh)
     return 0
+
+
+register = add_distill

@@ -1,7 +1,7 @@
 """`shortft eval`: score images with every available metric; write a CSV per image, a JSON summary,
 and print a table.
 
-    shortft eval IMAGES_DIR [--out DIR] [--metrics hpsv2,pickscore,...] [--reward_paths hpsv2=/f.pt,...]
+    shortft eval IMAGES_DIR [--out DIR] [--metrics hpsv2,pickscore,...] [--reward-paths hpsv2=/f.pt,...]
     shortft eval --run RUN_DIR --prompts FILE [--seeds 0,1] [--out DIR]     # sample a trained run first
     shortft eval --run RUN_DIR --hpdv2 DIR [--styles photo,anime] [--limit 50]
 
@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from shortft.errors import ConfigError, MissingFileError
+
 Metric = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (B, 3, H, W) in [0, 1], prompts -> (B,)
 
 REWARD_METRICS = ("hpsv2", "hpsv2.1", "pickscore", "aesthetic", "world_clip")
@@ -56,29 +58,29 @@ def load_folder(folder: str | Path) -> tuple[list[str], list[torch.Tensor], list
     """(file names, images, prompts) of an image folder with a prompt sidecar (see module doc)."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"image folder {folder} does not exist")
+        raise MissingFileError(f"image folder {folder} does not exist")
     files = sorted(p.name for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
+        raise ConfigError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in {folder}")
     if (folder / "prompts.json").is_file():
         table = json.loads((folder / "prompts.json").read_text())
     elif (folder / "prompts.csv").is_file():
         with open(folder / "prompts.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         if rows and not {"file", "prompt"} <= set(rows[0]):
-            raise ValueError(f"{folder / 'prompts.csv'} needs columns 'file' and 'prompt', has {list(rows[0])}")
+            raise ConfigError(f"{folder / 'prompts.csv'} needs columns 'file' and 'prompt', has {list(rows[0])}")
         table = {r["file"]: r["prompt"] for r in rows}
     elif (folder / "prompts.txt").is_file():
         lines = [ln for ln in (folder / "prompts.txt").read_text().splitlines() if ln.strip()]
         if len(lines) != len(files):
-            raise ValueError(f"{folder / 'prompts.txt'} has {len(lines)} prompts for {len(files)} images")
+            raise ConfigError(f"{folder / 'prompts.txt'} has {len(lines)} prompts for {len(files)} images")
         table = dict(zip(files, lines))
     else:
         table = {f: (folder / f).with_suffix(".txt").read_text().strip()
                  for f in files if (folder / f).with_suffix(".txt").is_file()}
     missing = [f for f in files if f not in table]
     if missing:
-        raise ValueError(f"no prompt for {len(missing)} images in {folder} (e.g. {missing[:3]}); give prompts.json, "
+        raise ConfigError(f"no prompt for {len(missing)} images in {folder} (e.g. {missing[:3]}); give prompts.json, "
                          "prompts.csv (file,prompt), prompts.txt (sorted order) or <stem>.txt sidecars")
     return files, [read_image(folder / f) for f in files], [table[f] for f in files]
 
@@ -88,28 +90,21 @@ def load_hpdv2(source: str, styles: list[str] | None = None, limit: int | None =
     styles = styles or list(HPDV2_STYLES)
     bad = [s for s in styles if s not in HPDV2_STYLES]
     if bad:
-        raise ValueError(f"unknown HPDv2 styles {bad}; choose from {list(HPDV2_STYLES)}")
+        raise ConfigError(f"unknown HPDv2 styles {bad}; choose from {list(HPDV2_STYLES)}")
     out = []
     for style in styles:
         if source == "hub":
-            from huggingface_hub import hf_hub_download
-
-            from shortft.rewards.common import hub_reachable
+            from shortft.hub import hub_file
 
             repo, pattern = HPDV2_HUB
-            try:
-                path = Path(hf_hub_download(repo, pattern.format(style=style), repo_type="dataset",
-                                            local_files_only=not hub_reachable()))
-            except Exception as err:
-                raise FileNotFoundError(f"cannot download HPDv2 {style!r} prompts from dataset {repo} "
-                                        f"({type(err).__name__}); download benchmark/{style}.json and pass "
-                                        "its folder with --hpdv2 DIR") from err
+            path = hub_file(f"{repo}/{pattern.format(style=style)}", f"HPDv2 {style!r} prompts", "pass its folder "
+                            f"with --hpdv2 DIR (it holds benchmark/{style}.json)", repo_type="dataset")
         else:
             folder = Path(source)
             path = next((folder / f"{style}{ext}" for ext in (".json", ".txt") if (folder / f"{style}{ext}").is_file()),
                         None)
             if path is None:
-                raise FileNotFoundError(f"HPDv2 prompts {style}.json or {style}.txt not in {folder} (the benchmark's "
+                raise MissingFileError(f"HPDv2 prompts {style}.json or {style}.txt not in {folder} (the benchmark's "
                                         f"{HPDV2_HUB[0]} dataset, {HPDV2_HUB[1].format(style=style)})")
         prompts = json.loads(path.read_text()) if path.suffix == ".json" else [
             ln for ln in path.read_text().splitlines() if ln.strip()]
@@ -129,7 +124,7 @@ def build_metrics(names: list[str] | None = None, settings=None) -> tuple[dict[s
     names = list(names or ALL_METRICS)
     unknown = [n for n in names if n not in ALL_METRICS]
     if unknown:
-        raise ValueError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
+        raise ConfigError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
     metrics: dict[str, Metric] = {}
     skipped: dict[str, str] = {}
     for name in names:
@@ -164,7 +159,7 @@ def _world_fidelity(images: list[torch.Tensor], prompts: list[str]) -> dict[str,
 
 
 @torch.no_grad()
-def evaluate_images(images: torch.Tensor | list[torch.Tensor], prompts: list[str],
+def score_images(images: torch.Tensor | list[torch.Tensor], prompts: list[str],
                     metrics: dict[str, Metric] | list[str] | None = None, batch_size: int = 8,
                     groups: list[str] | None = None, fidelity: bool = True) -> dict:
     """Score images (a (N, 3, H, W) tensor or a list of (3, H, W), sizes may differ, values in [0, 1]).
@@ -264,7 +259,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, help="HPDv2: first N prompts per style")
     p.add_argument("--seeds", default="0", help="--run: comma-separated seeds; each prompt is sampled once per seed")
     p.add_argument("--metrics", default=None, help=f"comma-separated subset of {','.join(ALL_METRICS)} (default: all)")
-    p.add_argument("--reward_paths", default="", help="where reward weights live: hpsv2=/path/file.pt,pickscore=/dir")
+    p.add_argument("--reward-paths", default="", help="where reward weights live: hpsv2=/path/file.pt,pickscore=/dir")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device for reward models")
     p.add_argument("--batch", type=int, default=8, help="images per metric call")
     p.add_argument("--out", default=None, help="output folder (default: IMAGES/eval or RUN/eval)")
@@ -275,7 +270,7 @@ def run_eval(args) -> dict:
     from shortft.rewards import RewardSettings
 
     if (args.images is None) == (args.run is None):
-        raise SystemExit("shortft eval: give an image folder or --run RUN_DIR (one of them)")
+        raise ConfigError("shortft eval: give an image folder or --run RUN_DIR (one of them)")
     groups = None
     if args.run:
         if args.hpdv2:
@@ -283,7 +278,7 @@ def run_eval(args) -> dict:
         elif args.prompts:
             pairs = [("", ln.strip()) for ln in Path(args.prompts).read_text().splitlines() if ln.strip()]
         else:
-            raise SystemExit("shortft eval --run needs --prompts FILE or --hpdv2 DIR")
+            raise ConfigError("shortft eval --run needs --prompts FILE or --hpdv2 DIR")
         seeds = [int(s) for s in args.seeds.split(",")]
         prompts = [p for _, p in pairs for _ in seeds]
         groups = [g for g, _ in pairs for _ in seeds] if args.hpdv2 else None
@@ -305,7 +300,7 @@ def run_eval(args) -> dict:
         metrics, skipped = build_metrics([name], settings)
         result["skipped"].update(skipped)
         last = name == names[-1]
-        part = evaluate_images(images, prompts, metrics, args.batch, groups,
+        part = score_images(images, prompts, metrics, args.batch, groups,
                                fidelity=last and "prompt_fidelity" in names and "prompt_fidelity" not in skipped)
         for key in ("per_image", "summary"):
             result[key].update(part[key])

@@ -23,6 +23,10 @@ from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 
+from shortft import files
+from shortft.errors import ConfigError
+from shortft.hub import hub_file
+
 # "Attention and feed-forward layers" of the SD UNet's transformer blocks (paper, sec. 3.2).
 ATTN_FF_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
 
@@ -88,24 +92,9 @@ def set_scale(unet: torch.nn.Module, name: str, scale: float) -> None:
 
 
 def resolve_file(spec: str | os.PathLike) -> Path:
-    """A local file, or `repo_id/filename` (e.g. `ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors`)
-    fetched from the hub cache. A clear error when neither works."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    parts = str(spec).split("/")
-    if len(parts) < 3:
-        raise FileNotFoundError(f"LoRA file {str(spec)!r} does not exist; give a local .safetensors file "
-                                "or repo_id/filename on the Hugging Face hub")
-    from huggingface_hub import hf_hub_download
-
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        return Path(hf_hub_download(repo_id=repo_id, filename=filename))
-    except Exception as err:  # offline, missing repo, missing file: one message for all
-        raise FileNotFoundError(
-            f"LoRA file {str(spec)!r} is neither a local file nor downloadable as {filename!r} from hub "
-            f"repo {repo_id!r} ({type(err).__name__}); download it and pass the local path") from err
+    """A local LoRA file, or `repo_id/filename` (e.g. `ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors`)
+    from the hub cache (downloaded when online). A clear error when neither works."""
+    return hub_file(spec, "LoRA file", "pass the local .safetensors path")
 
 
 def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainable: bool = False) -> None:
@@ -115,9 +104,9 @@ def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainab
     path = resolve_file(spec)
     state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
     if not any(k.startswith("unet.") for k in state_dict):
-        raise ValueError(f"{path} holds no UNet LoRA weights (keys start with {next(iter(state_dict), None)!r})")
+        raise ConfigError(f"{path} holds no UNet LoRA weights (keys start with {next(iter(state_dict), None)!r})")
     if name in adapter_names(unet):
-        raise ValueError(f"an adapter named {name!r} is already loaded")
+        raise ValueError(f"an adapter named {name!r} is already loaded")  # a bug, not bad input
     StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=metadata)
     for p in adapter_parameters(unet, name):
         p.requires_grad_(trainable)
@@ -138,14 +127,10 @@ def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike, dtype: 
     from diffusers import StableDiffusionPipeline
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     layers = {k[len("unet."):]: v.to(dtype) for k, v in lora_state_dict(unet, name).items()}
     config = unet.peft_config[name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(exist_ok=True)
-    StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=path.name,
-                                              unet_lora_adapter_metadata=config)
-    os.replace(tmp / path.name, path)  # atomic: a reader never sees half a file
-    tmp.rmdir()
+    with files.atomic_path(path) as tmp:  # a reader never sees half a file
+        StableDiffusionPipeline.save_lora_weights(tmp.parent, unet_lora_layers=layers, weight_name=tmp.name,
+                                                  unet_lora_adapter_metadata=config)
     return path

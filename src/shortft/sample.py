@@ -10,6 +10,7 @@ import torch
 
 from shortft import lora
 from shortft.chain import run_plan
+from shortft.errors import MissingFileError
 
 
 def seeded_noise(shape: tuple[int, ...], seeds: list[int]) -> torch.Tensor:
@@ -36,19 +37,19 @@ def run_metadata_of(run_dir: str | Path) -> dict:
     """A finished run's lora/shortft.json (adapters, per-timestep schedule, config)."""
     meta_file = Path(run_dir) / "lora" / "shortft.json"
     if not meta_file.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a finished shortft run (no lora/shortft.json)")
+        raise MissingFileError(f"{run_dir} is not a finished shortft run (no lora/shortft.json)")
     return json.loads(meta_file.read_text())
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild (backend, method, cfg) from a run folder, with its trained LoRAs loaded."""
     from shortft.backends import SDBackend
-    from shortft.config import from_dict
+    from shortft.config import TrainConfig, from_dict
     from shortft.methods import METHODS
 
     run_dir = Path(run_dir)
     meta = run_metadata_of(run_dir)
-    cfg = from_dict(meta["config"])
+    cfg = from_dict(TrainConfig, meta["config"])
     backend = SDBackend.load(cfg.model, device=device)
     for name in meta["adapters"]:
         lora.load_lora(backend.unet, run_dir / "lora" / f"{name}.safetensors", name)
@@ -91,9 +92,13 @@ class TimestepLoRASwitch:
         meta = json.loads((run_dir / "lora" / "shortft.json").read_text())
         for name in meta["adapters"]:
             pipe.load_lora_weights(run_dir / "lora", weight_name=f"{name}.safetensors", adapter_name=name)
-        for name, spec in meta.get("frozen", {}).items():  # shortcut-ft samples on top of the shortcut
-            file = lora.resolve_file(spec)
-            pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=name)
+        if meta.get("frozen"):  # shortcut-ft samples on top of the shortcut
+            from shortft.config import TrainConfig, from_dict
+            from shortft.methods.base import shortcut_file
+
+            file = lora.resolve_file(shortcut_file(from_dict(TrainConfig, meta["config"])))
+            for name in meta["frozen"]:
+                pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=name)
         switch = cls({int(t): a for t, a in meta["schedule"].items()}, meta["adapters"] + list(meta.get("frozen", {})))
         switch.apply(pipe, meta["timesteps"][0])
         return switch
@@ -114,7 +119,8 @@ def run_metadata(method, cfg_dict: dict) -> dict:
     """What a run folder's lora/shortft.json records: adapters, per-timestep schedule, config."""
     plan = method.sample_plan()
     used = {a for s in plan.steps for a in s.adapters} - set(method.adapter_names())
-    frozen = {name: method.cfg.shortcut for name in sorted(used)}  # only the shortcut is ever frozen and sampled
+    frozen = {name: method.cfg.shortcut for name in sorted(used)}  # only the shortcut is ever frozen and sampled;
+    # it is recorded as the config names it ("" = the shipped world shortcut), so the folder stays portable
     return {"adapters": method.adapter_names(), "frozen": frozen, "timesteps": method.timesteps,
             "schedule": {str(s.t_from): list(s.adapters) for s in plan.steps},
             "guidance": method.cfg.guidance, "config": cfg_dict}

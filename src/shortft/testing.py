@@ -4,28 +4,18 @@ they load back through `SDBackend.load` like a real checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-
-
-def _byte_vocab() -> dict[str, int]:
-    """A minimal CLIP BPE vocabulary: the 256 byte symbols, their word-final forms, the two specials."""
-    # GPT-2/CLIP byte-level BPE maps every byte to a printable character: printable bytes map to
-    # themselves, the rest to code points from 256 upwards, in byte order.
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    extra = iter(range(256, 512))
-    symbols = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(tokens)}
 
 
 def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "epsilon",
                     channels: tuple[int, int] = (16, 32), text_dim: int = 32, sample_size: int = 8) -> Path:
     """Write a tiny SD-format model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and return it."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from shortft.clip_vocab import write_clip_tokenizer
 
     path = Path(path)
     torch.manual_seed(seed)
@@ -39,12 +29,7 @@ def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "eps
     text = CLIPTextModel(CLIPTextConfig(vocab_size=600, hidden_size=text_dim, intermediate_size=2 * text_dim,
                                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=32,
                                         bos_token_id=512, eos_token_id=513, pad_token_id=513))
-    tok_dir = path / "tokenizer"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(_byte_vocab()))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=32)
-    tokenizer.save_pretrained(tok_dir)
+    write_clip_tokenizer(path / "tokenizer", max_length=32)  # byte symbols only: ids < 514
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     unet.save_pretrained(path / "unet")

@@ -20,6 +20,7 @@ import torch
 import torch.utils.checkpoint
 
 from shortft import lora
+from shortft.errors import ConfigError, MissingFileError
 
 Adapters = tuple[str, ...]
 
@@ -52,16 +53,16 @@ def resolve_model(spec: str) -> str:
         from shortft.world import WORLD_MODEL
 
         if not (WORLD_MODEL / "unet").is_dir():
-            raise FileNotFoundError(f"the embedded world model is missing at {WORLD_MODEL}; "
+            raise MissingFileError(f"the embedded world model is missing at {WORLD_MODEL}; "
                                     "regenerate it with `shortft world pretrain`")
         return str(WORLD_MODEL)
     path = Path(spec).expanduser()
     if path.exists():
         if not (path / "unet").is_dir():
-            raise FileNotFoundError(f"model folder {spec!r} has no unet/ subfolder (diffusers layout expected)")
+            raise MissingFileError(f"model folder {spec!r} has no unet/ subfolder (diffusers layout expected)")
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise FileNotFoundError(f"model {spec!r} is not an existing folder nor a hub id like 'org/name'")
+        raise MissingFileError(f"model {spec!r} is not an existing folder nor a hub id like 'org/name'")
     return spec
 
 
@@ -98,7 +99,7 @@ class SDBackend:
             unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype)
             scheduler = DDIMScheduler.from_pretrained(where, subfolder="scheduler")
         except OSError as err:
-            raise FileNotFoundError(f"cannot load model {model!r} ({err.__class__.__name__}: "
+            raise MissingFileError(f"cannot load model {model!r} ({err.__class__.__name__}: "
                                     f"{str(err).splitlines()[0]}); is it downloaded / in the hub cache?") from err
         device = torch.device(device)
         for m in (text_encoder, vae, unet):
@@ -107,7 +108,8 @@ class SDBackend:
             m.to(device)
         sc = scheduler.config
         if sc.get("clip_sample", False) or sc.get("thresholding", False):
-            raise ValueError("schedulers with clip_sample/thresholding are not supported by the chain engine")
+            raise ConfigError(f"model {model!r}: schedulers with clip_sample/thresholding are not supported by the "
+                              "chain engine")
         ac = scheduler.alphas_cumprod.to(torch.float64)
         final = 1.0 if sc.get("set_alpha_to_one", True) else float(ac[0])
         return cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, alphas_cumprod=ac,
@@ -157,7 +159,7 @@ class SDBackend:
             a = self.alpha(t)
             return a**0.5 * out + (1 - a) ** 0.5 * x  # ε = √ᾱ v + √(1-ᾱ) x
         if self.prediction_type != "epsilon":
-            raise ValueError(f"prediction_type {self.prediction_type!r} not supported (epsilon, v_prediction)")
+            raise ConfigError(f"prediction_type {self.prediction_type!r} not supported (epsilon, v_prediction)")
         return out
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -94,12 +94,6 @@ def available_rewards(names: list[str]) -> tuple[list[str], dict]:
     return [n for n in names if n in built], missing
 
 
-def read_history(run_dir: Path) -> list[dict]:
-    """The per-step history of a finished run (kept in its last checkpoint's state.json)."""
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-    return json.loads((ckpts[-1] / "state.json").read_text())["history"] if ckpts else []
-
-
 # --- the worker: one seed's runs, interleaved --------------------------------------------------------------
 def run_config(common: dict, run: dict) -> dict:
     """Config overrides of one run: the shared settings, the variant's method, the budget."""
@@ -120,7 +114,7 @@ def worker_group(spec: dict) -> list[dict]:
     from shortft.methods import METHODS
     from shortft.prompts import load_prompts
     from shortft.sample import generate, load_run
-    from shortft.train import resolve_shortcut, train
+    from shortft.train import train
 
     set_threads(spec["threads"])
     torch.manual_seed(0)
@@ -139,17 +133,17 @@ def worker_group(spec: dict) -> list[dict]:
             history = []
         elif run["variant"] == "base-shortcut":  # shortcut-ft before its first step: its fresh LoRA is zero,
             cfg = build_config(preset, overrides={**common, "method": "shortcut-ft"})  # so this samples the
-            resolve_shortcut(cfg)  # untuned shortcut model on its own few-step chain
+            # untuned shortcut model on its own few-step chain
             backend = SDBackend.load(cfg.model)
             method = METHODS[cfg.method](cfg)
             method.setup(backend)
             plan = method.sample_plan()
             history = []
         else:
-            run_dir = train(build_config(preset, overrides=run_config(common, run)))
+            run_dir = train(build_config(preset, overrides=run_config(common, run))).dir
             backend, method, cfg = load_run(run_dir)
             plan = method.sample_plan()
-            history = read_history(Path(run_dir))
+            history = json.loads((run_dir / "history.json").read_text())
         images = generate(backend, plan, prompts, seeds)
         results.append({**run, "metrics": score_images(images, prompts, rewards, world), "history": history,
                         "wall_s": time.perf_counter() - t0})
@@ -247,7 +241,7 @@ def settings(args) -> dict:
 
 
 def run(args) -> int:
-    from shortft.config import build_config, parse_overrides
+    from shortft.config import TrainConfig, build_config, parse_overrides
 
     t_start = time.time()
     s = settings(args)
@@ -258,7 +252,7 @@ def run(args) -> int:
         raise ValueError(f"none of the rewards {s['rewards']} is available: {missing}")
     skipped = rewards[s["max_rewards"]:] if s.get("max_rewards") else []
     rewards = [r for r in rewards if r not in skipped]
-    extra = parse_overrides(args.set)
+    extra = parse_overrides(TrainConfig, args.set)
     common = {"model": spec.model, "shortcut": spec.shortcut, "prompts": spec.prompts,
               "eval_prompts": spec.eval_prompts, "batch_size": s["batch_size"], "reward": rewards[0],
               **chain_scaled(extra.get("num_steps", 50)), **extra}

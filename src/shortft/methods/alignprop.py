@@ -4,8 +4,8 @@ Backpropagation", 2023.
 Every step runs with gradient checkpointing. A truncation point is drawn once per rollout
 (`alignprop_cut`: gaussian with mean 42 and std 5 of 50 steps, scaled to `num_steps`; uniform; or
 fixed at the last step): steps before it compute ε̂ without gradient, but the latents are never
-detached, so the gradient still flows along the √ᾱ x_t path. Drawing a new cut at every step (the
-project's older code and TRL's copy) is a known bug and not reproduced (PAPER.md sec. 3).
+detached, so the gradient still flows along the √ᾱ x_t path. Drawing a new cut at every step (as the
+AlignProp repository once did, and TRL's copy of it) is a known bug and not reproduced.
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ import random
 
 from shortft.chain import Plan
 from shortft.methods.base import Method, steps_with
-
-CUTS = ("gaussian", "uniform", "fixed")
 
 
 class AlignProp(Method):
@@ -28,10 +26,8 @@ class AlignProp(Method):
             cut = round(rng.gauss(42 / 50 * n, 5 / 50 * n))
         elif how == "uniform":
             cut = rng.randint(0, n - 1)
-        elif how == "fixed":  # only the last step keeps ε̂'s gradient
+        else:  # "fixed": only the last step keeps ε̂'s gradient
             cut = n - 1
-        else:
-            raise ValueError(f"alignprop_cut {how!r} not in {CUTS}")
         return min(max(cut, 0), n - 1)
 
     def plan(self, progress: float, rng: random.Random) -> Plan:

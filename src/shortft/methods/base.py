@@ -9,6 +9,9 @@ import torch
 
 from shortft import lora
 from shortft.chain import Plan, run_plan, sampling_plan
+from shortft.errors import ConfigError
+
+SHORTCUT = "shortcut"  # adapter name of the frozen shortcut LoRA (ShortFT, shortcut-ft)
 
 
 @dataclass
@@ -36,6 +39,10 @@ class Method:
     def __init__(self, cfg):
         self.cfg = cfg  # the TrainConfig (fields used by each method are listed in its docstring)
         self.timesteps: list[int] = []  # sampling timesteps, e.g. 981, 961, ..., 1 for 50 DDIM steps
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        """Raise ConfigError for settings this method cannot run with (called by config.validate)."""
 
     # --- adapters -------------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -75,6 +82,28 @@ class Method:
         x0 = run_plan(ro.backend, plan, ro.x_T, ro.cond, ro.uncond)
         rewards = ro.reward(ro.backend.decode(x0), ro.prompts)  # (B,)
         return -rewards.mean(), rewards.detach(), {}
+
+
+def shortcut_file(cfg) -> str:
+    """The shortcut LoRA a config names: its `shortcut`, or for "" the embedded world's shipped one (the
+    config keeps "", so a run folder names the shipped file, not where this install put it)."""
+    if cfg.shortcut:
+        return cfg.shortcut
+    if cfg.model != "world":
+        raise ConfigError(f"method {cfg.method!r} needs a shortcut LoRA for {cfg.model!r}: pass --shortcut "
+                          "(e.g. ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors) or make one with "
+                          "`shortft distill`")
+    from shortft.world import WORLD_SHORTCUT
+
+    return str(WORLD_SHORTCUT)
+
+
+def load_shortcut(backend, cfg) -> None:
+    """Load the frozen shortcut LoRA (`shortcut_file`, at cfg.shortcut_scale) as adapter SHORTCUT, once; a
+    method that needs one calls this from `setup`."""
+    if SHORTCUT not in lora.adapter_names(backend.unet):
+        lora.load_lora(backend.unet, shortcut_file(cfg), SHORTCUT, trainable=False)
+        lora.set_scale(backend.unet, SHORTCUT, cfg.shortcut_scale)
 
 
 def steps_with(timesteps: list[int], adapters, grads: list[str], guidance: float, stop: int | None = None):

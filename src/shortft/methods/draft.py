@@ -17,16 +17,22 @@ import random
 import torch
 
 from shortft.chain import END, Plan, Step, run_plan
+from shortft.errors import ConfigError
 from shortft.methods.base import Method, Rollout, steps_with
 
 
 class DraftK(Method):
     name = "draft"
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        if not 1 <= cfg.draft_k <= cfg.num_steps:
+            raise ConfigError(f"draft_k={cfg.draft_k} must be between 1 and num_steps={cfg.num_steps}")
+        if cfg.lv_copies < 0:
+            raise ConfigError(f"lv_copies must be >= 0, got {cfg.lv_copies}")
+
     def plan(self, progress: float, rng: random.Random) -> Plan:
         n, k = len(self.timesteps), self.cfg.draft_k
-        if not 1 <= k <= n:
-            raise ValueError(f"draft_k={k} must be between 1 and num_steps={n}")
         grads = ["none"] * (n - k) + ["full"] * k
         return Plan(steps_with(self.timesteps, ("lora",), grads, self.cfg.guidance), {"grad_steps": k})
 

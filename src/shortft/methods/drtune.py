@@ -11,16 +11,21 @@ from __future__ import annotations
 import random
 
 from shortft.chain import Plan
+from shortft.errors import ConfigError
 from shortft.methods.base import Method, steps_with
 
 
 class DRTune(Method):
     name = "drtune"
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        n, k, m = cfg.num_steps, cfg.drtune_k, cfg.drtune_m
+        if not (1 <= m <= n and 1 <= k <= n - m + 1):
+            raise ConfigError(f"drtune_k={k}, drtune_m={m} do not fit num_steps={n} (need 1 <= m <= n, 1 <= k <= n - m + 1)")
+
     def plan(self, progress: float, rng: random.Random) -> Plan:
         n, k, m = len(self.timesteps), self.cfg.drtune_k, self.cfg.drtune_m
-        if not (1 <= m <= n and 1 <= k <= n - m + 1):
-            raise ValueError(f"drtune_k={k}, drtune_m={m} do not fit num_steps={n}")
         stop = rng.randint(n - m, n - 1)  # last step run; it jumps to x̂0
         stride = (stop + 1) // k
         offset = rng.randint(0, stride - 1)

@@ -11,16 +11,20 @@ from __future__ import annotations
 import random
 
 from shortft.chain import Plan
+from shortft.errors import ConfigError
 from shortft.methods.base import Method, steps_with
 
 
 class ReFL(Method):
     name = "refl"
 
+    @classmethod
+    def check(cls, cfg) -> None:
+        if not 1 <= cfg.refl_window <= cfg.num_steps:
+            raise ConfigError(f"refl_window={cfg.refl_window} must be between 1 and num_steps={cfg.num_steps}")
+
     def plan(self, progress: float, rng: random.Random) -> Plan:
         n, w = len(self.timesteps), self.cfg.refl_window
-        if not 1 <= w <= n:
-            raise ValueError(f"refl_window={w} must be between 1 and num_steps={n}")
         stop = rng.randint(n - w, n - 1)
         grads = ["none"] * stop + ["full"] + ["none"] * (n - stop - 1)
         return Plan(steps_with(self.timesteps, ("lora",), grads, self.cfg.guidance, stop=stop), {"stop": stop})

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import random
 
-from shortft import lora
 from shortft.chain import Plan, sampling_plan
-from shortft.methods.base import Method, steps_with
-from shortft.methods.shortft import SHORTCUT
+from shortft.methods.base import SHORTCUT, Method, load_shortcut, steps_with
 
 
 class ShortcutFT(Method):
@@ -22,9 +20,7 @@ class ShortcutFT(Method):
     def setup(self, backend) -> None:
         super().setup(backend)
         self.use_timesteps(backend.timesteps(self.cfg.segments, spacing="trailing"))
-        if SHORTCUT not in lora.adapter_names(backend.unet):
-            lora.load_lora(backend.unet, self.cfg.shortcut, SHORTCUT, trainable=False)
-            lora.set_scale(backend.unet, SHORTCUT, self.cfg.shortcut_scale)
+        load_shortcut(backend, self.cfg)
 
     def adapters_at(self, index: int) -> tuple[str, ...]:
         return (SHORTCUT, "lora")

@@ -26,18 +26,15 @@ from __future__ import annotations
 
 import random
 
-from shortft import lora
 from shortft.chain import END, Plan, Step
-from shortft.methods.base import Method
-
-SHORTCUT = "shortcut"  # adapter name of the frozen shortcut LoRA
-INNER_WEIGHTS = ("base", "prev", "stack")
+from shortft.errors import ConfigError
+from shortft.methods.base import SHORTCUT, Method, load_shortcut
 
 
 def segment_bounds(num_steps: int, k: int) -> list[int]:
     """Start index of each segment plus the end: 50 steps, k = 4 -> [0, 12, 25, 37, 50]."""
     if not 1 <= k <= num_steps:
-        raise ValueError(f"segments={k} must be between 1 and num_steps={num_steps}")
+        raise ConfigError(f"segments={k} must be between 1 and num_steps={num_steps}")
     return [num_steps * j // k for j in range(k + 1)]
 
 
@@ -46,10 +43,18 @@ class ShortFT(Method):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        if cfg.inner_weights not in INNER_WEIGHTS:
-            raise ValueError(f"inner_weights {cfg.inner_weights!r} not in {INNER_WEIGHTS}")
         self.k = cfg.segments
         self.bounds: list[int] = []
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        segment_bounds(cfg.num_steps, cfg.segments)
+        fracs = cfg.stage_fractions
+        if cfg.progressive and (len(fracs) != cfg.segments or abs(sum(fracs) - 1) > 1e-6):
+            raise ConfigError(f"stage_fractions {fracs} must have segments={cfg.segments} entries summing to 1")
+        if cfg.s1_grad_steps < 1:
+            raise ConfigError(f"s1_grad_steps must be >= 1 (more than segment 1 holds means all of it), "
+                              f"got {cfg.s1_grad_steps}")
 
     def use_timesteps(self, timesteps: list[int]) -> None:
         super().use_timesteps(timesteps)
@@ -57,9 +62,7 @@ class ShortFT(Method):
 
     def setup(self, backend) -> None:
         super().setup(backend)
-        if SHORTCUT not in lora.adapter_names(backend.unet):
-            lora.load_lora(backend.unet, self.cfg.shortcut, SHORTCUT, trainable=False)
-            lora.set_scale(backend.unet, SHORTCUT, self.cfg.shortcut_scale)
+        load_shortcut(backend, self.cfg)
 
     # --- adapter layout -------------------------------------------------------------------------------
     def adapter_names(self) -> list[str]:
@@ -84,11 +87,8 @@ class ShortFT(Method):
         """1-based progressive-training stage at this point of training."""
         if not self.cfg.progressive:
             return 1
-        fracs = self.cfg.stage_fractions
-        if len(fracs) != self.k or abs(sum(fracs) - 1) > 1e-6:
-            raise ValueError(f"stage_fractions {fracs} must have {self.k} entries summing to 1")
         edge = 0.0
-        for i, f in enumerate(fracs, start=1):
+        for i, f in enumerate(self.cfg.stage_fractions, start=1):
             edge += f
             if progress < edge:
                 return i

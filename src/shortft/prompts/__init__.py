@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from shortft.errors import ConfigError, MissingFileError
+
 HERE = Path(__file__).parent
 
 
@@ -34,10 +36,10 @@ def load_prompts(spec: str) -> list[str]:
     else:
         path = Path(spec).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"prompt file {spec!r} does not exist; give a text file with one prompt per "
+            raise MissingFileError(f"prompt file {spec!r} does not exist; give a text file with one prompt per "
                                     f"line or a built-in set: {', '.join(PROMPT_SETS)}")
         prompts = path.read_text().split("\n")
     prompts = [p.strip() for p in prompts if p.strip()]
     if not prompts:
-        raise ValueError(f"prompt source {spec!r} holds no prompts")
+        raise ConfigError(f"prompt source {spec!r} holds no prompts")
     return prompts

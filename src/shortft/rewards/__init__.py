@@ -12,7 +12,7 @@ A reward is a callable `(images, prompts) -> scores`:
 Built-in rewards (scales in docs/rewards.md): hpsv2, hpsv2.1 (x100), pickscore, world_clip
 (exp(logit_scale) * cosine), aesthetic (1-10), symmetry (-asymmetry), compressibility /
 incompressibility (-/+ estimated JPEG q95 kB). `settings.paths[name]` overrides where each finds its
-weights; errors about missing or wrong weights are `RewardWeightsError`.
+weights; errors about missing or wrong weights are `RewardWeightsError` (a `UserError`).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from shortft.errors import ConfigError
 from shortft.rewards.common import RewardWeightsError  # noqa: F401  (re-exported)
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -73,9 +74,9 @@ def _load_plugin(spec: str) -> Reward:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"reward plug-in {spec!r}: cannot import module {module_name!r} ({err})") from err
+        raise ConfigError(f"reward plug-in {spec!r}: cannot import module {module_name!r} ({err})") from err
     if not hasattr(module, attr):
-        raise ValueError(f"reward plug-in {spec!r}: module {module_name!r} has no attribute {attr!r}")
+        raise ConfigError(f"reward plug-in {spec!r}: module {module_name!r} has no attribute {attr!r}")
     return getattr(module, attr)
 
 
@@ -89,12 +90,32 @@ def parse_reward_spec(spec: str) -> list[tuple[str, float]]:
         name, eq, weight = item.partition("=")
         try:
             w = float(weight) if eq else 1.0
+            if w != w or w in (float("inf"), float("-inf")):
+                raise ValueError
         except ValueError:
-            raise ValueError(f"reward weight {weight!r} in {spec!r} is not a number") from None
+            raise ConfigError(f"reward weight {weight!r} in {spec!r} is not a number") from None
         parts.append((name.strip(), w))
     if not parts:
-        raise ValueError("empty reward specification")
+        raise ConfigError("empty reward specification")
     return parts
+
+
+def reward_names() -> list[str]:
+    """The registered (built-in) reward names."""
+    _import_builtin_rewards()
+    return list(REWARDS)
+
+
+def parse_paths(text: str) -> dict[str, str]:
+    """'hpsv2=/f.pt,pickscore=/dir' -> {'hpsv2': '/f.pt', 'pickscore': '/dir'}."""
+    out = {}
+    for item in text.split(","):
+        if item.strip():
+            name, eq, path = item.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise ConfigError(f"reward path {item.strip()!r} is not name=path (e.g. hpsv2=/path/HPS_v2_compressed.pt)")
+            out[name.strip()] = path.strip()
+    return out
 
 
 def validate_reward_spec(spec: str) -> None:
@@ -102,7 +123,7 @@ def validate_reward_spec(spec: str) -> None:
     _import_builtin_rewards()
     for name, _ in parse_reward_spec(spec):
         if ":" not in name and name not in REWARDS:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown reward {name!r}; choose from {sorted(REWARDS)} or give package.module:function"
             )
 

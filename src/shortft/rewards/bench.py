@@ -33,11 +33,11 @@ def _random_clip(vision: dict, text: dict, projection_dim: int, image_cfg: dict,
 
     from shortft.rewards.clip_pref import CLIPPreference
     from shortft.rewards.common import freeze
-    from shortft.rewards.testing import _byte_tokenizer
+    from shortft.rewards.testing import byte_tokenizer
 
     cfg = CLIPConfig(text_config=dict(text, bos_token_id=512, eos_token_id=513, pad_token_id=513),
                      vision_config=vision, projection_dim=projection_dim)
-    tok = _byte_tokenizer(Path(tempfile.mkdtemp()), max_length=text.get("max_position_embeddings", 77))
+    tok = byte_tokenizer(Path(tempfile.mkdtemp()), max_length=text.get("max_position_embeddings", 77))
     return CLIPPreference(freeze(CLIPModel(cfg)), tok, image_cfg, "cpu", name)
 
 
@@ -70,12 +70,15 @@ def random_reward(name: str):
                       num_attention_heads=12, max_position_embeddings=77)
         clip = _random_clip(vit_l, text_l, 768, openai, name)
         return AestheticReward(clip.model, freeze(AestheticMLP()), openai)
-    if name == "world_clip":
-        from shortft.world.pretrain import CLIP_MEAN, CLIP_STD, clip_config
+    if name == "world_clip":  # the shipped model's architecture and processor, random weights
+        from transformers import CLIPConfig
 
-        cfg = clip_config(tiny=False)
+        from shortft.rewards.clip_pref import image_settings
+        from shortft.world import WORLD_CLIP
+
+        cfg = CLIPConfig.from_pretrained(WORLD_CLIP)
         return _random_clip(cfg.vision_config.to_dict(), cfg.text_config.to_dict(), cfg.projection_dim,
-                            {"size": 64, "crop": (64, 64), "mean": CLIP_MEAN, "std": CLIP_STD}, name)
+                            image_settings(str(WORLD_CLIP), name), name)
     raise ValueError(f"no random stand-in for {name!r}")
 
 

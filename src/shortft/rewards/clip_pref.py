@@ -134,5 +134,5 @@ def build_world_clip(settings: RewardSettings) -> CLIPPreference:
     path = Path(settings.paths.get("world_clip", WORLD_CLIP))
     if not path.is_dir():
         raise RewardWeightsError(f"reward 'world_clip': {path} does not exist; build it with "
-                                 "`shortft world pretrain --part clip` or pass --reward_paths world_clip=/folder")
+                                 "`shortft world pretrain --part clip` or pass --reward-paths world_clip=/folder")
     return CLIPPreference.load(path, device=settings.device, dtype=settings.dtype, name="world_clip")

@@ -3,92 +3,43 @@ the differentiable CLIP preprocessing that stands in for the authors' PIL transf
 
 from __future__ import annotations
 
-import functools
-import os
-import socket
 from collections.abc import Sequence
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
+
+from shortft.errors import UserError
+from shortft.hub import hub_file, hub_folder
 
 # OpenAI CLIP normalisation, used by open_clip's ViT-H-14 (laion2B) and by the PickScore processor.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class RewardWeightsError(RuntimeError):
+class RewardWeightsError(UserError):
     """A reward's weights are missing, unreachable or not what they claim to be."""
 
 
-@functools.cache
-def hub_reachable() -> bool:
-    """True unless offline mode is set or the hub's host does not resolve (fail fast instead of
-    huggingface_hub's retries with backoff)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        socket.getaddrinfo(host, 443)
-        return True
-    except OSError:
-        return False
-
-
-def _looks_local(spec: str) -> bool:
-    return spec.startswith(("/", "./", "../", "~")) or Path(spec).expanduser().exists()
-
-
 def resolve_file(spec: str, reward: str, what: str, filenames: Sequence[str] = ()) -> Path:
-    """A weight file from a local path, or from the hub as "repo_id/filename" (e.g.
-    "xswu/HPSv2/HPS_v2_compressed.pt": repo "xswu/HPSv2", file "HPS_v2_compressed.pt").
-    A local folder is accepted when it holds one of `filenames`."""
+    """A weight file from a local path, a local folder holding one of `filenames`, or the hub as
+    "repo_id/filename" (e.g. "xswu/HPSv2/HPS_v2_compressed.pt")."""
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path
     if path.is_dir():
         for name in filenames:
             if (path / name).is_file():
                 return path / name
         raise RewardWeightsError(f"reward {reward!r}: folder {path} holds none of {list(filenames)}; put {what} "
                                  f"there or name the file itself")
-    if _looks_local(spec):
-        raise RewardWeightsError(f"reward {reward!r}: weight file {path} does not exist. Download {what} and pass "
-                                 f"its path with --reward_paths {reward}=/path/to/file")
-    parts = spec.split("/")
-    if len(parts) < 3:
-        raise RewardWeightsError(f"reward {reward!r}: {spec!r} is neither a local file nor 'repo_id/filename'")
-    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(repo, filename, local_files_only=not hub_reachable()))
-    except Exception as err:  # offline, gated, missing: all end the same way for the user
-        raise RewardWeightsError(
-            f"reward {reward!r}: cannot get {filename!r} from the hub repo {repo!r} ({type(err).__name__}). "
-            f"Download {what} (on the hub: https://huggingface.co/{repo}/blob/main/{filename}) and pass it with "
-            f"--reward_paths {reward}=/path/to/{Path(filename).name}") from err
+    return hub_file(spec, f"reward {reward!r}: {what}",
+                    f"pass its path with --reward-paths {reward}=/path/to/{Path(str(spec)).name}", error=RewardWeightsError)
 
 
 def resolve_folder(spec: str, reward: str, what: str) -> str:
     """A transformers model folder: a local folder, or a hub repo id fetched (or found in the cache)."""
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        return str(path)
-    if _looks_local(spec):
-        raise RewardWeightsError(f"reward {reward!r}: model folder {path} does not exist. Download {what} "
-                                 f"and pass the folder with --reward_paths {reward}=/path/to/folder")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-                                 local_files_only=not hub_reachable())
-    except Exception as err:
-        raise RewardWeightsError(
-            f"reward {reward!r}: cannot fetch {spec!r} from the hub ({type(err).__name__}). Download {what} "
-            f"(https://huggingface.co/{spec}) into a folder and pass it with --reward_paths {reward}=/path/to/folder"
-        ) from err
+    return str(hub_folder(spec, f"reward {reward!r}: {what}",
+                          f"pass the folder with --reward-paths {reward}=/path/to/folder",
+                          allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"], error=RewardWeightsError))
 
 
 def load_state_dict_file(path: Path, reward: str) -> dict[str, torch.Tensor]:

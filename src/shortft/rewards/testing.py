@@ -42,19 +42,12 @@ def make_tiny_hps(folder: str | Path, seed: int = 0) -> Path:
     return file
 
 
-def _byte_tokenizer(folder: Path, max_length: int):
-    """A CLIPTokenizer over the 256 byte symbols (+ word-final forms, + the two specials): any text
-    tokenizes, no merges file needed. ids: bos 512, eos 513."""
-    from transformers import CLIPTokenizer
+def byte_tokenizer(folder: Path, max_length: int):
+    """A CLIPTokenizer over the 512 byte symbols and the two specials: any text tokenizes, no merges
+    needed. ids: bos 512, eos 513."""
+    from shortft.clip_vocab import write_clip_tokenizer
 
-    printable = set(range(33, 127)) | set(range(161, 173)) | set(range(174, 256))
-    extra = iter(range(256, 512))
-    symbols = [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
-    vocab = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length)
+    return write_clip_tokenizer(folder, max_length=max_length)
 
 
 def make_tiny_clip(folder: str | Path, image_size: int = 224, patch: int = 32, projection_dim: int = 16,
@@ -63,7 +56,7 @@ def make_tiny_clip(folder: str | Path, image_size: int = 224, patch: int = 32, p
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = Path(folder)
-    tok = _byte_tokenizer(folder, max_length=32)
+    tok = byte_tokenizer(folder, max_length=32)
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=600, hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 RESOLUTION = 64
+MAX_TOKENS = 32  # tokenizer length of the world models: the longest caption is under 20 CLIP tokens
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {  # RGB in [0, 1]; chosen far apart so a nearest-colour read is unambiguous
@@ -112,13 +113,9 @@ def sample_scenes(n: int, split: str = "train", seed: int = 0) -> list[Scene]:
     ]
 
 
-def caption(scene: Scene, template_index: int = 0, colour: bool = True) -> str:
-    """The scene described by template `template_index` (modulo the number of templates); colour=False
-    leaves the colour word out (every template says "{colour} {shape}")."""
-    t = TEMPLATES[template_index % len(TEMPLATES)]
-    if not colour:
-        t = t.replace("{colour} {shape}", "{shape}")
-    return t.format(
+def caption(scene: Scene, template_index: int = 0) -> str:
+    """The scene described by template `template_index` (modulo the number of templates)."""
+    return TEMPLATES[template_index % len(TEMPLATES)].format(
         size=scene.size,
         colour=scene.colour,
         shape=scene.shape,
@@ -215,3 +212,16 @@ def render(scenes: list[Scene], colours: torch.Tensor | None = None) -> torch.Te
     fg = fg.view(b, 3, 1, 1)
     bg = torch.tensor([BACKGROUNDS[s.background] for s in scenes]).view(b, 3, 1, 1)
     return bg + alpha * (fg - bg)
+
+
+ALTERNATIVES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
+                 "background": tuple(BACKGROUNDS)}
+
+
+def one_attribute_wrong(scene: Scene, rng) -> Scene:
+    """The same scene with exactly one attribute changed (background never equal to the colour)."""
+    attr = rng.choice(ATTRIBUTES)
+    choices = [v for v in ALTERNATIVES[attr] if v != getattr(scene, attr)]
+    d = scene.attributes()
+    d[attr] = rng.choice(choices)
+    return Scene(**d)

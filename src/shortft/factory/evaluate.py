@@ -10,9 +10,19 @@ from pathlib import Path
 
 import torch
 
-from . import WORLD_CLIP, WORLD_MODEL
-from .evaluator import prompt_fidelity
-from .scenes import ATTRIBUTES, TEMPLATES, Scene, caption, prompt_split, render, sample_scenes
+from shortft.world import WORLD_CLIP, WORLD_MODEL
+from shortft.world.evaluator import prompt_fidelity
+from shortft.world.scenes import (
+    ALTERNATIVES,
+    ATTRIBUTES,
+    MAX_TOKENS,
+    TEMPLATES,
+    Scene,
+    caption,
+    prompt_split,
+    render,
+    sample_scenes,
+)
 
 
 def real_fidelity(n: int, seed: int = 0) -> dict[str, dict[str, float]]:
@@ -68,8 +78,6 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, sp
     and per changed attribute; plus top-1 among [true + all of them]."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    from .pretrain import _ALTERNATIVES, MAX_TOKENS
-
     path = str(clip or WORLD_CLIP)
     model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).eval()
     tok = CLIPTokenizer.from_pretrained(path)
@@ -86,7 +94,7 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, sp
         k = rng.randrange(len(TEMPLATES))
         texts, attrs = [caption(s, k)], [None]
         for a in ATTRIBUTES:
-            for v in _ALTERNATIVES[a]:
+            for v in ALTERNATIVES[a]:
                 if v != getattr(s, a):
                     d = s.attributes()
                     d[a] = v

@@ -19,23 +19,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from . import ASSETS
-from .scenes import (
-    ATTRIBUTES,
-    BACKGROUNDS,
+from shortft.world import ASSETS
+from shortft.world.scenes import (
     COLOURS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
+    MAX_TOKENS,
     caption,
-    is_heldout,
+    one_attribute_wrong,
     random_colours,
     render,
     sample_scenes,
 )
-
-MAX_TOKENS = 32  # longest caption is well under 20 CLIP tokens
 
 
 @dataclass
@@ -65,8 +58,6 @@ class PretrainConfig:
     unet_highnoise: float = 5.0  # loss weight 1 + min(1/SNR, this) favours high-noise (layout) steps; 0 = plain
     unet_pool: int = 10000  # pre-encoded training latents (encoding is a one-off ~2 min)
     unet_text_lr_scale: float = 0.1  # with unet_text="clip-tuned": the text tower's learning rate relative to the UNet's
-    unet_summary_swap: float = 0.0  # fraction of rows whose end-of-text and padding states (where the causal text tower sums up the caption) come from the caption with another shape and colour (a train pair), so the UNet must read shape and colour from the words
-    unet_colourless: float = 0.0  # fraction of each UNet batch drawn from random-colour images captioned without a colour word (never a held-out pair), so the shape word alone decides the shape
     unet_text: str = "clip-tuned"  # the UNet's text encoder: joint (a fresh CLIPTextModel trained with it), clip (the world CLIP's text tower, frozen, as SD freezes OpenAI CLIP's) or clip-tuned (that tower, trained with the UNet)
     # CLIP preference model
     clip_steps: int = 1000  # ~7 min at 1 thread
@@ -140,31 +131,6 @@ def tokenize(tok, prompts: list[str]) -> torch.Tensor:
     return tok(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
 
 
-def summary_mask(ids: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, L) token ids -> (B, L) bool: the end-of-text token and the padding after it (CLIP pads with
-    end-of-text). A causal text tower's states there attend to the whole caption: they are its summary."""
-    return (ids == eos_id).cumsum(1) > 0
-
-
-def word_ids(tok, words) -> torch.Tensor:
-    """The token id of each word; every world attribute word is one CLIP token."""
-    def one(word: str) -> int:
-        (i,) = tok(word, add_special_tokens=False).input_ids
-        return i
-    return torch.tensor([one(w) for w in words])
-
-
-def swap_shape_colour(ids: torch.Tensor, shape_ids: torch.Tensor, colour_ids: torch.Tensor,
-                      g: torch.Generator) -> torch.Tensor:
-    """The same captions with the shape word and the colour word (where there is one) replaced by a
-    random train pair (never a held-out one); every word is one token, so lengths and positions stay.
-    shape_ids, colour_ids: `word_ids` of SHAPES and COLOURS."""
-    pairs = [(i, j) for i, s in enumerate(SHAPES) for j, c in enumerate(COLOURS) if not is_heldout(s, c)]
-    pick = torch.tensor(pairs)[torch.randint(len(pairs), (len(ids),), generator=g)]  # (B, 2)
-    out = torch.where((ids[..., None] == shape_ids).any(-1), shape_ids[pick[:, 0]][:, None], ids)
-    return torch.where((ids[..., None] == colour_ids).any(-1), colour_ids[pick[:, 1]][:, None], out)
-
-
 # ---------------------------------------------------------------------------------------------- VAE
 def vae_config(tiny: bool) -> dict:
     ch = (8, 8, 8, 8) if tiny else (16, 32, 64, 64)
@@ -203,7 +169,7 @@ def _vae_images(cfg: PretrainConfig, seed: int) -> torch.Tensor:
 def vae_readback(vae, n: int = 64, seed: int = 3) -> dict[str, float]:
     """Shape as the evaluator reads it from reconstructions of n real train and n held-out images: how much
     shape the latent keeps (the UNet cannot draw what the decoder cannot)."""
-    from .evaluator import read_attributes
+    from shortft.world.evaluator import read_attributes
 
     out = {}
     for split in ("train", "heldout"):
@@ -416,25 +382,21 @@ def ddim_scheduler():
     )
 
 
-def _latent_pool(vae, n: int, seed: int, tok, colourless: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _latent_pool(vae, n: int, seed: int, tok) -> tuple[torch.Tensor, torch.Tensor]:
     """Encode n train-split scenes once: posterior means (N, 4, 8, 8) and the token ids of every caption
-    template (N, T, L). colourless: objects in random colours (`random_colours`, never a held-out pair)
-    and captions without a colour word, so the shape word alone decides the shape.
+    template (N, T, L).
 
     Means, not posterior samples: the VAE reconstructs from the mean and its KL weight is tiny, so the
     encoder's log-variance only ever sees the KL gradient and sits at 0 (std exactly 1, against latent
     means of mean |z| 0.57). Sampling would bury every training latent in unit noise."""
-    from .scenes import TEMPLATES
+    from shortft.world.scenes import TEMPLATES
 
     scenes = sample_scenes(n, "train", seed=seed)
-    colours = random_colours(scenes, torch.Generator().manual_seed(seed)) if colourless else None
     means = []
     with torch.no_grad():
         for i in tqdm(range(0, n, 128), desc="encode latents", mininterval=5):
-            c = None if colours is None else colours[i : i + 128]
-            means.append(vae.encode(render(scenes[i : i + 128], c) * 2 - 1).latent_dist.mean)
-    ids = torch.stack([tokenize(tok, [caption(s, k, colour=not colourless) for s in scenes])
-                       for k in range(len(TEMPLATES))], 1)
+            means.append(vae.encode(render(scenes[i : i + 128]) * 2 - 1).latent_dist.mean)
+    ids = torch.stack([tokenize(tok, [caption(s, k) for s in scenes]) for k in range(len(TEMPLATES))], 1)
     return torch.cat(means), ids
 
 
@@ -492,12 +454,8 @@ def pretrain_unet(cfg: PretrainConfig):
         start = s["step"]
         print(f"unet: resumed at step {start}")
     pool_mean, pool_ids = _latent_pool(vae, cfg.unet_pool, cfg.seed + 1, tok)
-    n_free = round(cfg.unet_batch * cfg.unet_colourless)  # colourless examples per batch
-    if n_free:
-        free = _latent_pool(vae, cfg.unet_pool // 2, cfg.seed + 2, tok, colourless=True)
     del vae
     empty = tokenize(tok, [""])[0]  # (L,)
-    swap_words = word_ids(tok, SHAPES), word_ids(tok, COLOURS)  # for unet_summary_swap
     sched = DDPMScheduler(**SD15_SCHEDULE)
     acp = sched.alphas_cumprod  # (1000,)
     snr = acp / (1 - acp)
@@ -515,10 +473,7 @@ def pretrain_unet(cfg: PretrainConfig):
         for group in opt.param_groups:
             group["lr"] = lr * group["scale"]
         b = cfg.unet_batch
-        x0, ids = _draw(pool_mean, pool_ids, b - n_free, g)
-        if n_free:
-            x0_free, ids_free = _draw(*free, n_free, g)
-            x0, ids = torch.cat([x0, x0_free]), torch.cat([ids, ids_free])
+        x0, ids = _draw(pool_mean, pool_ids, b, g)
         x0 = x0 * scale  # (B, 4, 8, 8)
         drop = torch.rand(b, generator=g) < cfg.unet_drop_caption
         ids[drop] = empty
@@ -528,11 +483,6 @@ def pretrain_unet(cfg: PretrainConfig):
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with torch.set_grad_enabled(text_trains):
             context = text(ids).last_hidden_state  # (B, L, D)
-            if cfg.unet_summary_swap:  # the summary states of some rows come from another shape and colour
-                swap = torch.rand(b, generator=g) < cfg.unet_summary_swap
-                donor = text(swap_shape_colour(ids, *swap_words, g)).last_hidden_state
-                mask = swap[:, None] & summary_mask(ids, tok.eos_token_id)  # (B, L)
-                context = torch.where(mask[..., None], donor, context)
         eps = unet(xt, t, encoder_hidden_states=context).sample
         # Epsilon-MSE hardly penalises a wrong layout at high noise (x0's share of eps is sqrt(SNR));
         # weight 1 + min(1/SNR, gamma) gives those steps an x0-like weight, like v-prediction's loss.
@@ -593,29 +543,6 @@ def save_world_model(model_dir: Path, unet, text) -> None:
     print(f"saved world model to {model_dir}")
 
 
-def save_checkpoint_as_model(cfg: PretrainConfig, ckpt: Path, model_dir: Path, use_ema: bool = True) -> None:
-    """Turn a training checkpoint into a model folder (copies vae/ and tokenizer/ from cfg.out)."""
-    import shutil
-
-    from diffusers import UNet2DConditionModel
-
-    s = torch.load(ckpt, weights_only=False)
-    text, text_trains = text_encoder(cfg)
-    unet = UNet2DConditionModel(**unet_config(cfg.tiny, text.config.hidden_size))
-    text.load_state_dict(s["text"])
-    unet.load_state_dict(s["unet"])
-    if use_ema:
-        params = (list(text.parameters()) if text_trains else []) + list(unet.parameters())
-        with torch.no_grad():
-            for e, p in zip(s["ema"], params):
-                p.copy_(e)
-    for sub in ("vae", "tokenizer"):
-        if Path(model_dir, sub).resolve() != Path(cfg.out, "model", sub).resolve():
-            shutil.copytree(cfg.out / "model" / sub, Path(model_dir) / sub, dirs_exist_ok=True)
-    save_world_model(Path(model_dir), unet, text)
-    print(f"checkpoint step {s['step']}")
-
-
 # ---------------------------------------------------------------------------------------- shortcut
 def pretrain_shortcut(cfg: PretrainConfig) -> Path:
     """The world's 4-segment shortcut: `shortft distill` on the finished model with the settings of the
@@ -653,19 +580,6 @@ def clip_config(tiny: bool):
         ),
         projection_dim=w,
     )
-
-
-_ALTERNATIVES = {"shape": SHAPES, "colour": tuple(COLOURS), "size": tuple(SIZES), "position": tuple(POSITIONS),
-                 "background": tuple(BACKGROUNDS)}
-
-
-def one_attribute_wrong(scene: Scene, rng) -> Scene:
-    """The same scene with exactly one attribute changed (background never equal to the colour)."""
-    attr = rng.choice(ATTRIBUTES)
-    choices = [v for v in _ALTERNATIVES[attr] if v != getattr(scene, attr)]
-    d = scene.attributes()
-    d[attr] = rng.choice(choices)
-    return Scene(**d)
 
 
 def pretrain_clip(cfg: PretrainConfig):

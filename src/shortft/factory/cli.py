@@ -9,7 +9,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import ASSETS
+from shortft.world import ASSETS
 
 PARTS = ("tokenizer", "vae", "clip", "unet", "vae_decoder", "shortcut", "all")  # "all" runs them in this order
 
@@ -48,7 +48,7 @@ def register(subparsers) -> None:
 def _pretrain(args) -> None:
     import torch
 
-    from .pretrain import PretrainConfig, run_pretrain
+    from shortft.factory.pretrain import PretrainConfig, run_pretrain
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -63,7 +63,7 @@ def _pretrain(args) -> None:
 
 
 def _eval(args) -> None:
-    from .evaluate_world import evaluate, format_table
+    from shortft.factory.evaluate import evaluate, format_table
 
     res = evaluate(
         model=args.model, clip=args.clip, n_real=args.real, cfg_scale=args.cfg, steps=args.steps,
