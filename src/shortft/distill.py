@@ -97,6 +97,15 @@ class DistillConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default (on a shared CPU, 1 is often faster)
 
 
+# Named recipes (`shortft distill --preset NAME`). "world" is exactly the recipe of the shipped world
+# shortcut (src/shortft/world/assets/shortcut.safetensors); `shortft world pretrain --part shortcut` runs it.
+DISTILL_PRESETS: dict[str, dict] = {
+    "default": {},
+    "world": dict(model="world", prompts="world-train", guidance=5.0, student_guidance=5.0, steps=10000,
+                  time_budget=3000.0, pool=1024, decay="cosine", teacher_steps=0, noised_fraction=0.0,
+                  anchor_fraction=0.5, save_dtype="fp16"),
+}
+
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}
 DTYPES = ("fp32", "fp16", "bf16")  # the keys of shortft.train.DTYPES (not imported here: it pulls in torch)
