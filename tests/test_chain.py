@@ -119,3 +119,23 @@ def test_stacked_adapters_add_up(tiny):
     lora.set_trainable(b.unet, ["a"])
     lora.activate(b.unet, ("a", "b"))
     assert not any(p.requires_grad for p in lora.adapter_parameters(b.unet, "b"))
+
+
+def test_each_call_runs_exactly_the_adapters_its_step_names(tiny):
+    """Over a ShortFT-shaped plan (repeated, stacked, shortcut and base steps), the adapters active inside
+    every UNet call are the step's, also after something else switched them behind the engine's back."""
+    b = _lora_backend(tiny)
+    seen = []
+    hook = b.unet.register_forward_pre_hook(lambda module, args: seen.append(tuple(lora.active(module))))
+    plan = [Step(981, 761, ("a",), "none", 3.0), Step(761, 741, ("a",), "full", 3.0), Step(741, 501, ("b",), "full"),
+            Step(501, 481, ("a", "b"), "checkpoint", 3.0), Step(481, 261, (), "none"), Step(261, END, ("a", "b"), "full")]
+    x = torch.randn(1, 4, 8, 8)
+    cond, uncond = b.encode_prompts(["a red circle"]), b.encode_prompts([""])
+    run_plan(b, plan, x, cond, uncond).square().sum().backward()  # checkpoint recomputes its call in backward
+    hook.remove()
+    assert seen == [s.adapters for s in plan] + [("a", "b")]
+    for layer in lora.lora_layers(b.unet)[1:]:  # someone else leaves the layers in another state ...
+        layer._active_adapter = ["b"]
+    lora.lora_layers(b.unet)[0]._active_adapter = ["a"]
+    lora.activate(b.unet, ("b",))  # ... and the engine's switch still sets every layer
+    assert {tuple(layer.active_adapters) for layer in lora.lora_layers(b.unet)} == {("b",)}

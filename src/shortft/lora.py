@@ -41,9 +41,15 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
         p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
 
 
-def lora_layers(unet: torch.nn.Module) -> Iterable[BaseTunerLayer]:
-    """Every peft-wrapped layer of the UNet."""
-    return (m for m in unet.modules() if isinstance(m, BaseTunerLayer))
+def lora_layers(unet: torch.nn.Module) -> list[BaseTunerLayer]:
+    """Every peft-wrapped layer of the UNet. peft adds layers only when an adapter is added, so the walk over
+    the module tree runs once per set of loaded adapters; the list is kept on the module under their names."""
+    key = tuple(adapter_names(unet))
+    cached = unet.__dict__.get("_shortft_lora_layers")
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        unet.__dict__["_shortft_lora_layers"] = cached  # a plain attribute: not a submodule, not in state_dict
+    return cached[1]
 
 
 def adapter_names(unet: torch.nn.Module) -> list[str]:
@@ -52,11 +58,16 @@ def adapter_names(unet: torch.nn.Module) -> list[str]:
 
 
 def activate(unet: torch.nn.Module, names: Sequence[str]) -> None:
-    """Make exactly `names` active on every LoRA layer (empty = base model). requires_grad is untouched."""
+    """Make exactly `names` active on every LoRA layer (empty = base model). requires_grad is untouched.
+    O(1) when they already are (every layer is always switched together, so the first one tells)."""
     names = list(names)
-    for layer in lora_layers(unet):
-        layer._active_adapter = names  # peft reads this list in forward; set_adapter would flip requires_grad
-        layer._disable_adapters = False
+    layers = lora_layers(unet)
+    if not layers or (layers[0]._active_adapter == names and not layers[0]._disable_adapters):
+        return
+    for layer in layers:  # peft reads these plain attributes in forward (set_adapter would flip requires_grad);
+        # written to __dict__ directly: nn.Module.__setattr__ costs ~20x more, and this runs per UNet call
+        layer.__dict__["_active_adapter"] = names
+        layer.__dict__["_disable_adapters"] = False
 
 
 def active(unet: torch.nn.Module) -> list[str]:

@@ -195,7 +195,7 @@ def train(cfg: TrainConfig) -> Run:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
     state = load_checkpoint(run_dir, unet, optimizer) if cfg.resume else {"step": 0, "skipped": 0, "history": []}
-    history = state["history"]
+    history, trainable = state["history"], method.adapter_names()
     elapsed = sum(h["seconds"] for h in history)  # training time so far (budgets survive a resume)
     calls = history[-1]["unet_calls"] if history else 0
     logger = Logger(cfg, run_dir, sum(p.numel() for p in params), len(method.adapter_names()),
@@ -215,7 +215,9 @@ def train(cfg: TrainConfig) -> Run:
         if progress >= 1:
             break
         t0 = time.perf_counter()
-        lora.set_trainable(unet, method.trainable(progress))  # progressive training: stage i trains i..k
+        if method.trainable(progress) != trainable:  # progressive training: stage i trains lora i..k
+            trainable = method.trainable(progress)
+            lora.set_trainable(unet, trainable)
         step_rewards = []
         for micro in range(cfg.grad_accum):
             with accelerator.accumulate(backend.denoiser):
