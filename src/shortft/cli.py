@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from shortft import config
-from shortft.errors import UserError
+from shortft.errors import TrainingStopped, UserError
 
 
 def registry_help() -> dict[str, str]:
@@ -82,17 +82,23 @@ def commands() -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="shortft", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in commands():
-        add(sub)
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv or ["train"])  # no arguments: the main job
     try:
+        parser = argparse.ArgumentParser(prog="shortft", description=__doc__.splitlines()[0])
+        sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+        for add in commands():
+            add(sub)
+        argv = sys.argv[1:] if argv is None else argv
+        args = parser.parse_args(argv or ["train"])  # no arguments: the main job
         return args.func(args) or 0
     except UserError as err:
         print(f"shortft: error: {err}", file=sys.stderr)
         return 2
+    except TrainingStopped as err:
+        print(f"shortft: {err}", file=sys.stderr)
+        return err.status
+    except KeyboardInterrupt:  # Ctrl-C outside training's safe points (start-up, other commands): nothing to save
+        print("shortft: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -260,7 +260,8 @@ class TrainConfig:
     weight_decay: float = 0.1  # AdamW weight decay (DRaFT: 0.1)
     time_budget: float = 0.0  # stop after this many seconds of training (0 = no limit); equal-compute benchmarks
     unet_call_budget: int = 0  # stop after this many UNet calls in rollouts (0 = no limit); equal-call benchmarks
-    max_grad_norm: float = 1.0  # gradient-norm clipping; a non-finite norm skips the step
+    max_grad_norm: float = 1.0  # gradient-norm clipping; a non-finite norm or loss skips the step
+    max_skipped_steps: int = 5  # this many non-finite steps in a row stop the run (the checkpoint before them is kept)
     seed: int = 0  # seeds LoRA init, prompts, noise and every random draw of the methods
     # --- output -------------------------------------------------------------------------------------------
     run_dir: str = ""  # run folder; "" = runs/<method>-<date>-<time>
@@ -291,10 +292,15 @@ def default_preset(model: str) -> str:
 
 
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
-    """Compose preset, file and overrides into a validated TrainConfig."""
+    """Compose preset, file and overrides into a validated TrainConfig. With `resume` (and no file) the run
+    folder's own config.yaml is the base, so `shortft train --resume RUN_DIR` needs nothing else."""
     overrides = dict(overrides or {})
-    model = overrides.get("model") or (load_yaml(TrainConfig, file).get("model") if file else None) or "world"
-    cfg = build(TrainConfig, TRAIN_PRESETS, preset or default_preset(model), file, overrides)
+    saved = Path(overrides.get("resume") or "-", "config.yaml")
+    if file is None and overrides.get("resume") and saved.is_file():
+        cfg = make(TrainConfig, {**load_yaml(TrainConfig, str(saved)), **overrides})
+    else:
+        model = overrides.get("model") or (load_yaml(TrainConfig, file).get("model") if file else None) or "world"
+        cfg = build(TrainConfig, TRAIN_PRESETS, preset or default_preset(model), file, overrides)
     validate(cfg)
     return cfg
 
@@ -309,7 +315,7 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"unknown method {cfg.method!r}; choose from {', '.join(METHODS)}")
     validate_reward_spec(cfg.reward)
     for key in ("num_steps", "batch_size", "grad_accum", "max_steps", "lora_rank", "segments", "eval_count",
-                "checkpoint_every", "log_every"):
+                "checkpoint_every", "log_every", "max_skipped_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
     for key in ("guidance", "shortcut_guidance", "lr", "time_budget", "max_grad_norm", "reg_weight", "weight_decay"):

@@ -16,3 +16,16 @@ class ConfigError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A model, prompt file, LoRA file, run folder or reward weight file that is not there."""
+
+
+class RewardError(UserError):
+    """A reward returned something training cannot use: not a (B,) float tensor, or no gradient."""
+
+
+class TrainingStopped(Exception):
+    """Training ended early on purpose (a signal, or too many non-finite steps) after saving a checkpoint.
+    The CLI prints the message (which names the command to resume) and exits with `status`."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status

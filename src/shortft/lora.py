@@ -83,8 +83,10 @@ def adapter_parameters(unet: torch.nn.Module, name: str) -> list[torch.nn.Parame
 
 
 def set_trainable(unet: torch.nn.Module, names: Iterable[str]) -> list[torch.nn.Parameter]:
-    """Freeze every parameter of the UNet except the adapters `names`; return the trainable ones."""
-    names = set(names)
+    """Freeze every parameter of the UNet except the adapters `names`; return the trainable ones in the order
+    the names are given (the optimizer's state is saved and restored by that order: it must not depend on
+    the process, as a set's iteration order does)."""
+    names = list(dict.fromkeys(names))
     for p in unet.parameters():
         p.requires_grad_(False)
     trainable = []

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +20,11 @@ import torch
 
 from shortft import files, lora
 from shortft.config import TrainConfig, to_dict
-from shortft.errors import MissingFileError
+from shortft.errors import TrainingStopped, UserError
 from shortft.methods import METHODS, Method, Rollout
 from shortft.prompts import load_prompts
 from shortft.sample import generate, run_metadata
+from shortft.stopping import EXIT_STATUS, StopSignal
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KEEP_CHECKPOINTS = 2  # the newest ones are kept; older ones are deleted after each save
@@ -68,11 +70,13 @@ def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
 
 
 def build_reward_fn(cfg: TrainConfig, device):
-    from shortft.rewards import RewardSettings, build_regularised_reward, build_reward, parse_paths
+    from shortft.rewards import CheckedReward, RewardSettings, build_regularised_reward, build_reward, parse_paths
 
     settings = RewardSettings(device=device, paths=parse_paths(cfg.reward_paths))
     reward = build_reward(cfg.reward, settings)
-    return build_regularised_reward(reward, cfg.reg_weight, settings) if cfg.reg_weight else reward
+    if cfg.reg_weight:
+        reward = build_regularised_reward(reward, cfg.reg_weight, settings)
+    return CheckedReward(reward, cfg.reward)
 
 
 def step_rng(cfg: TrainConfig, step: int, rank: int, micro: int) -> tuple[random.Random, torch.Generator]:
@@ -92,27 +96,52 @@ def make_rollout(cfg: TrainConfig, backend, prompts: list[str], reward, step: in
 
 
 # --- checkpoints --------------------------------------------------------------------------------------------
+def checkpoint_folders(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (half-written `.tmp` folders are not checkpoints)."""
+    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
+
+
 def save_checkpoint(run_dir: Path, unet, method: Method, optimizer, state: dict) -> Path:
-    """Adapters (exact tensors), optimizer and loop state; the newest KEEP_CHECKPOINTS are kept."""
+    """Adapters (exact tensors), optimizer and loop state; the newest KEEP_CHECKPOINTS are kept. A write that
+    fails (disk full, folder not writable) leaves the previous checkpoints as they were."""
     tensors = {n: p for n, p in unet.named_parameters() if any(f".{a}." in n for a in method.adapter_names())}
-    root = run_dir / "checkpoints"
-    folder = files.save_checkpoint(root / f"step-{state['step']:07d}", tensors, state, optimizer.state_dict())
-    for old in sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp"))[:-KEEP_CHECKPOINTS]:
+    folder = run_dir / "checkpoints" / f"step-{state['step']:07d}"
+    try:
+        files.save_checkpoint(folder, tensors, state, optimizer.state_dict())
+    except OSError as err:
+        previous = checkpoint_folders(run_dir)
+        raise UserError(f"cannot write checkpoint {folder} ({err.strerror or err}); "
+                        + (f"the previous one, {previous[-1]}, is intact" if previous else "no earlier checkpoint")
+                        ) from err
+    for old in checkpoint_folders(run_dir)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old)
     return folder
 
 
-def load_checkpoint(run_dir: Path, unet, optimizer) -> dict:
-    """Restore the newest checkpoint of `run_dir`; return its loop state."""
-    ckpts = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-    if not ckpts:
-        raise MissingFileError(f"no checkpoint to resume in {run_dir / 'checkpoints'}")
-    tensors, state, opt_state = files.load_checkpoint(ckpts[-1])
-    params = dict(unet.named_parameters())
-    for name, value in tensors.items():
-        params[name].data.copy_(value)
-    optimizer.load_state_dict(opt_state)
-    return state
+def load_checkpoint(run_dir: Path, unet, optimizer) -> dict | None:
+    """Restore the newest complete checkpoint of `run_dir` and return its loop state; a damaged one is named
+    and skipped for the one before it. None when there is none yet (the run restarts at step 0, which is
+    exactly where it was)."""
+    for folder in reversed(checkpoint_folders(run_dir)):
+        try:
+            tensors, state, opt_state = files.load_checkpoint(folder)
+        except files.CorruptCheckpoint as err:
+            print(f"shortft: skipping {err}")
+            continue
+        params = dict(unet.named_parameters())
+        for name, value in tensors.items():
+            params[name].data.copy_(value)
+        optimizer.load_state_dict(opt_state)
+        print(f"shortft: resuming {run_dir} at step {state['step']} ({folder.name})")
+        return state
+    print(f"shortft: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
+    return None
+
+
+def write_config(run_dir: Path, cfg: TrainConfig) -> None:
+    import yaml
+
+    files.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def save_loras(run_dir: Path, unet, method: Method, cfg: TrainConfig) -> None:
@@ -140,12 +169,9 @@ class Logger:
     """Rank 0's outputs during training: config.yaml, TensorBoard scalars, optional W&B, the header line."""
 
     def __init__(self, cfg: TrainConfig, run_dir: Path, n_params: int, n_adapters: int, processes: int):
-        import yaml
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg = cfg
-        run_dir.mkdir(parents=True, exist_ok=True)
-        files.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self.writer = SummaryWriter(run_dir / "tb")
         if cfg.wandb:
             import wandb
@@ -175,27 +201,65 @@ class Logger:
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
+def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, reward, prompts: list[str], params,
+                   optimizer, step: int, progress: float) -> tuple[torch.Tensor, dict, float, bool]:
+    """One optimiser step: `grad_accum` rollouts (plan, chain, reward, backward), clipping and AdamW.
+    Returns (rewards, plan info, gradient norm, finite); a non-finite loss or gradient skips the update on
+    every rank alike. Nothing of the step's graph outlives this function."""
+    step_rewards, calls = [], 0
+    for micro in range(cfg.grad_accum):
+        with accelerator.accumulate(backend.denoiser):
+            rollout, rng = make_rollout(cfg, backend, prompts, reward, step, accelerator.process_index, micro)
+            plan = method.plan(progress, rng)
+            loss, rewards, extra = method.loss(rollout, plan)
+            accelerator.backward(loss)
+            step_rewards.append(rewards)
+            info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps), **extra}
+            calls += info["unet_calls"]
+            if accelerator.sync_gradients:
+                for p in params:  # adapters outside this stage's set never move (AdamW would decay them)
+                    if not p.requires_grad:
+                        p.grad = None
+                grad_norm = float(accelerator.clip_grad_norm_([p for p in params if p.requires_grad],
+                                                              cfg.max_grad_norm))
+                loss_ok = torch.tensor([float(math.isfinite(float(loss.detach())))], device=accelerator.device)
+                finite = math.isfinite(grad_norm) and bool(accelerator.gather(loss_ok).min() > 0)
+                if finite or accelerator.scaler is not None:  # a grad scaler (fp16) skips and rescales itself
+                    optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return torch.cat(step_rewards), {**info, "unet_calls": calls}, grad_norm, finite
+
+
 def train(cfg: TrainConfig) -> Run:
-    """Train `cfg.method` on `cfg.model` with `cfg.reward`; return the run (folder and in-memory model)."""
+    """Train `cfg.method` on `cfg.model` with `cfg.reward`; return the run (folder and in-memory model).
+    SIGINT / SIGTERM end it after the step in progress with a checkpoint (`TrainingStopped`, status 130 / 143);
+    one that arrives during the final evaluation lets the run finish."""
+    with StopSignal() as stop:
+        return training_loop(cfg, stop)
+
+
+def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
+    """The loop of `train`; `stop` says whether a signal asked it to end."""
     from tqdm.auto import tqdm
 
     from shortft.images import save_grid
 
     prompts, eval_prompts = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)[: cfg.eval_count]  # fail early
     run_dir = Path(cfg.resume or cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if cfg.resume and not (run_dir / "config.yaml").is_file():
-        raise MissingFileError(f"--resume {cfg.resume!r}: no run folder with config.yaml there")
     accelerator = build_accelerator(cfg)
-    is_main, rank = accelerator.is_main_process, accelerator.process_index
+    is_main = accelerator.is_main_process
     torch.manual_seed(cfg.seed)  # LoRA initialisation (DDP also broadcasts rank 0's weights)
     backend, method = build_model(cfg, accelerator.device)
     reward = build_reward_fn(cfg, accelerator.device)
+    if is_main:  # everything the config names exists: now the run folder may be written
+        write_config(run_dir, cfg)
     unet = backend.unet
     params = lora.set_trainable(unet, method.adapter_names())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
-    state = load_checkpoint(run_dir, unet, optimizer) if cfg.resume else {"step": 0, "skipped": 0, "history": []}
-    history, trainable = state["history"], method.adapter_names()
+    state = load_checkpoint(run_dir, unet, optimizer) if cfg.resume else None
+    state = state or {"step": 0, "skipped": 0, "history": []}
+    history, trainable, bad, saved = state["history"], method.adapter_names(), 0, state["step"]
     elapsed = sum(h["seconds"] for h in history)  # training time so far (budgets survive a resume)
     calls = history[-1]["unet_calls"] if history else 0
     logger = Logger(cfg, run_dir, sum(p.numel() for p in params), len(method.adapter_names()),
@@ -212,37 +276,19 @@ def train(cfg: TrainConfig) -> Run:
         # progress in [0, 1) drives progressive training; a time or UNet-call budget can end training early
         progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0,
                        calls / cfg.unet_call_budget if cfg.unet_call_budget else 0.0)
-        if progress >= 1:
+        if progress >= 1 or stop.agreed(accelerator):
             break
         t0 = time.perf_counter()
         if method.trainable(progress) != trainable:  # progressive training: stage i trains lora i..k
             trainable = method.trainable(progress)
             lora.set_trainable(unet, trainable)
-        step_rewards = []
-        for micro in range(cfg.grad_accum):
-            with accelerator.accumulate(backend.denoiser):
-                rollout, rng = make_rollout(cfg, backend, prompts, reward, step, rank, micro)
-                plan = method.plan(progress, rng)
-                loss, rewards, extra = method.loss(rollout, plan)
-                accelerator.backward(loss)
-                step_rewards.append(rewards)
-                info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps), **extra}
-                calls += info["unet_calls"]
-                if accelerator.sync_gradients:
-                    for p in params:  # adapters outside this stage's set never move (AdamW would decay them)
-                        if not p.requires_grad:
-                            p.grad = None
-                    grad_norm = accelerator.clip_grad_norm_([p for p in params if p.requires_grad], cfg.max_grad_norm)
-                    finite = math.isfinite(float(grad_norm)) and math.isfinite(float(loss.detach()))
-                    if finite or accelerator.scaler is not None:  # a grad scaler (fp16) skips and rescales itself
-                        optimizer.step()
-                    state["skipped"] += int(not finite)
-                optimizer.zero_grad(set_to_none=True)
-        del loss, rewards  # nothing of this step's graph is held while the next rollout runs
-        mean_reward = float(accelerator.gather(torch.cat(step_rewards).to(accelerator.device)).mean())
+        rewards, info, grad_norm, finite = optimizer_step(cfg, accelerator, backend, method, reward, prompts,
+                                                          params, optimizer, step, progress)
+        mean_reward = float(accelerator.gather(rewards.to(accelerator.device)).mean())
         seconds = time.perf_counter() - t0
-        elapsed += seconds
-        history.append({"step": step + 1, "reward": mean_reward, "grad_norm": float(grad_norm), "seconds": seconds,
+        elapsed, calls, bad = elapsed + seconds, calls + info["unet_calls"], 0 if finite else bad + 1
+        state["skipped"] += int(not finite)
+        history.append({"step": step + 1, "reward": mean_reward, "grad_norm": grad_norm, "seconds": seconds,
                         "unet_calls": calls, "graph_calls": info["graph_calls"], "stage": info.get("stage", 0),
                         "skipped": state["skipped"]})
         state["step"] = step + 1
@@ -252,25 +298,43 @@ def train(cfg: TrainConfig) -> Run:
             if cfg.grid_every and (step + 1) % cfg.grid_every == 0 and step + 1 < cfg.max_steps:
                 save_grid(evaluate(backend, method, reward, eval_prompts)[1],
                           run_dir / "grids" / f"step-{step + 1:07d}.png", scale=2)
-        if (step + 1) % cfg.checkpoint_every == 0:
-            accelerator.wait_for_everyone()
-            if is_main:
-                save_checkpoint(run_dir, unet, method, optimizer, state)
+        if bad >= cfg.max_skipped_steps:
+            raise TrainingStopped(f"{bad} steps in a row had a non-finite reward or gradient (reward "
+                                  f"{cfg.reward!r}, first at step {step + 2 - bad}); stopped. The newest "
+                                  f"checkpoint, from before them, is in {run_dir / 'checkpoints'}", status=1)
+        if (step + 1) % cfg.checkpoint_every == 0 and not bad:  # a bad streak keeps the last good checkpoint
+            saved = checkpoint(accelerator, run_dir, unet, method, optimizer, state)
     bar.close()
-    summary = finish(cfg, run_dir, accelerator, backend, method, reward, eval_prompts, optimizer, state, logger)
+    received = stop.agreed(accelerator)
+    if received:
+        if saved != state["step"]:
+            checkpoint(accelerator, run_dir, unet, method, optimizer, state)
+        accelerator.end_training()
+        raise TrainingStopped(f"stopped by {signal.Signals(received).name} after step {state['step']} "
+                              f"(checkpoint saved); resume with: shortft train --resume {run_dir}",
+                              status=EXIT_STATUS[received])
+    if saved != state["step"]:
+        checkpoint(accelerator, run_dir, unet, method, optimizer, state)
+    summary = finish(cfg, run_dir, accelerator, backend, method, reward, eval_prompts, state, logger)
     return Run(run_dir, backend, method, summary)
 
 
-def finish(cfg, run_dir, accelerator, backend, method, reward, eval_prompts, optimizer, state, logger) -> dict | None:
-    """Last checkpoint, LoRA files, the after-evaluation, curve, summary (rank 0)."""
+def checkpoint(accelerator, run_dir: Path, unet, method: Method, optimizer, state: dict) -> int:
+    """Every rank waits; rank 0 writes the checkpoint once. Returns the step saved."""
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_checkpoint(run_dir, unet, method, optimizer, state)
+    return state["step"]
+
+
+def finish(cfg, run_dir, accelerator, backend, method, reward, eval_prompts, state, logger) -> dict | None:
+    """LoRA files, the after-evaluation, curve, summary (rank 0)."""
     from shortft.images import save_grid
     from shortft.report import plot_curve, write_summary
 
     accelerator.wait_for_everyone()
     summary = None
     if accelerator.is_main_process:
-        if state["step"] % cfg.checkpoint_every:
-            save_checkpoint(run_dir, backend.unet, method, optimizer, state)
         save_loras(run_dir, backend.unet, method, cfg)
         files.write_json(run_dir / "history.json", state["history"])
         after, images = evaluate(backend, method, reward, eval_prompts)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from shortft.errors import ConfigError
+from shortft.errors import ConfigError, RewardError
 from shortft.rewards.common import RewardWeightsError  # noqa: F401  (re-exported)
 
 Reward = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -126,6 +126,27 @@ def validate_reward_spec(spec: str) -> None:
             raise ConfigError(
                 f"unknown reward {name!r}; choose from {sorted(REWARDS)} or give package.module:function"
             )
+
+
+class CheckedReward:
+    """The training reward, checked on every call: it must return a (B,) float tensor, and scores with a
+    gradient whenever the images have one (a reward that detaches, runs under no_grad or goes through PIL
+    would otherwise train nothing, silently). Non-finite scores pass through: the loop skips and counts them."""
+
+    def __init__(self, fn: Reward, name: str):
+        self.fn, self.name = fn, name
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        out = self.fn(images, prompts)
+        b = images.shape[0]
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != (b,) or not out.is_floating_point():
+            got = f"{out.dtype} tensor of shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else type(out).__name__
+            raise RewardError(f"reward {self.name!r} must return a float tensor of shape ({b},) (one score per "
+                              f"image), got a {got}")
+        if images.requires_grad and not out.requires_grad:
+            raise RewardError(f"reward {self.name!r} returned scores without a gradient: it must be differentiable "
+                              "in the images (no torch.no_grad, .detach(), numpy or PIL round trip)")
+        return out
 
 
 class WeightedSum:
