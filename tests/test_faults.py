@@ -182,3 +182,59 @@ def test_a_copied_run_folder_samples_evaluates_and_resumes(tiny, tmp_path):
     assert main(["eval", "--run", str(moved), "--prompts", tiny["prompts"], "--metrics", "asymmetry"]) is not None
     scores = (moved / "eval" / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 3 and scores[0].startswith("file,prompt")  # one row per prompt of the file
+
+
+def test_offline_missing_model_shortcut_and_reward_fail_at_once_naming_what_to_get(tiny, tmp_path, monkeypatch,
+                                                                                    capsys):
+    import time
+
+    from shortft import hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    hub.hub_reachable.cache_clear()
+    try:
+        cases = [(["--model", "someorg/some-model"], "model 'someorg/some-model' is not in the local hub cache and "
+                  "the hub cannot be reached (offline); download it"),
+                 ([f"model={tiny['model']}", "shortcut=ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors"],
+                  "LoRA file 'ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors' (file "
+                  "'Hyper-SD15-4steps-lora.safetensors' of hub repo 'ByteDance/Hyper-SD') is not in the local hub cache"),
+                 ([f"model={tiny['model']}", f"shortcut={tiny['shortcut']}", "reward=hpsv2"],
+                  "reward 'hpsv2': the HPS checkpoint")]
+        for args, message in cases:
+            t0 = time.monotonic()
+            rc = main(["train", *args, f"run_dir={tmp_path / 'never'}"])
+            err = capsys.readouterr().err
+            ours = [line for line in err.splitlines() if "shortft: error:" in line]
+            assert rc == 2 and len(ours) == 1 and message in ours[0] and "Traceback" not in err, err
+            assert time.monotonic() - t0 < 30 and not (tmp_path / "never").exists()
+    finally:
+        hub.hub_reachable.cache_clear()
+
+
+def test_a_model_in_the_hub_cache_loads_without_touching_the_network(tiny, tmp_path, monkeypatch):
+    import shutil
+    import socket
+
+    from shortft import hub
+    from shortft.backends import SDBackend
+
+    cache = tmp_path / "cache"
+    snapshot = cache / "models--someorg--tiny-sd" / "snapshots" / ("0" * 40)
+    shutil.copytree(tiny["model"], snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))  # read at call time
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*a, **k):
+        raise AssertionError("the network was reached for a cached model")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    hub.hub_reachable.cache_clear()
+    try:
+        backend = SDBackend.load("someorg/tiny-sd")
+    finally:
+        hub.hub_reachable.cache_clear()
+    assert backend.timesteps(10)[0] == 901 and backend.latent_shape(1) == (1, 4, 8, 8)

@@ -130,7 +130,7 @@ def test_sample_cli(shortft_run, tmp_path):
     (["train", "lr=fast"], "config key 'lr' expects float"),
     (["train", "--method", "ppo"], "unknown method 'ppo'; choose from shortft, draft"),
     (["train", "--reward", "beauty"], "unknown reward 'beauty'"),
-    (["train", "--model", "/no/such/model"], "'/no/such/model' is not an existing folder"),
+    (["train", "--model", "/no/such/model"], "model '/no/such/model' does not exist"),
     (["train", "--prompts", "/no/prompts.txt"], "prompt file '/no/prompts.txt' does not exist"),
     (["train", "--inner-weights", "all"], "inner_weights='all' is not one of base, prev, stack"),
 ])

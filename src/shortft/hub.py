@@ -49,12 +49,9 @@ def hub_file(spec: str | os.PathLike, what: str, how: str, repo_type: str | None
     repo, filename = parts
     from huggingface_hub import hf_hub_download
 
-    try:
-        return Path(hf_hub_download(repo, filename, repo_type=repo_type, local_files_only=not hub_reachable()))
-    except Exception as err:  # offline, gated, missing: all end the same way for the user
-        where = "" if hub_reachable() else " (offline: only the local cache was searched)"
-        raise error(f"{what} {str(spec)!r}: cannot get {filename!r} from hub repo {repo!r}{where} "
-                    f"({type(err).__name__}); download it and {how}") from err
+    return Path(_cache_then_hub(lambda local: hf_hub_download(repo, filename, repo_type=repo_type,
+                                                              local_files_only=local),
+                                f"{what} {str(spec)!r} (file {filename!r} of hub repo {repo!r})", how, error))
 
 
 def hub_folder(spec: str, what: str, how: str, allow_patterns: list[str] | None = None,
@@ -67,9 +64,21 @@ def hub_folder(spec: str, what: str, how: str, allow_patterns: list[str] | None 
         raise error(f"{what} {spec!r} does not exist (neither a local folder nor a hub id like 'org/name'); {how}")
     from huggingface_hub import snapshot_download
 
+    return Path(_cache_then_hub(lambda local: snapshot_download(spec, allow_patterns=allow_patterns,
+                                                                local_files_only=local), f"{what} {spec!r}", how, error))
+
+
+def _cache_then_hub(fetch, what: str, how: str, error: type[Exception]) -> str:
+    """`fetch(local_only)` from the local cache; only if it is not there, and the hub is reachable, from the
+    network. A model that is in the cache never touches the network, one that is not fails at once offline."""
     try:
-        return Path(snapshot_download(spec, allow_patterns=allow_patterns, local_files_only=not hub_reachable()))
-    except Exception as err:
-        where = "" if hub_reachable() else " (offline: only the local cache was searched)"
-        raise error(f"{what} {spec!r} is not in the local hub cache{where} and could not be downloaded "
-                    f"({type(err).__name__}); download it or {how}") from err
+        return fetch(True)
+    except Exception as cached_err:  # not in the cache (LocalEntryNotFoundError and kin)
+        if not hub_reachable():
+            raise error(f"{what} is not in the local hub cache and the hub cannot be reached (offline); download "
+                        f"it on a machine with network (huggingface-cli download), or {how}") from cached_err
+    try:
+        return fetch(False)
+    except Exception as err:  # gated, missing, network failure: all end the same way for the user
+        raise error(f"{what} could not be downloaded ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                    f"download it yourself, or {how}") from err

@@ -22,6 +22,7 @@ from shortft import files, lora
 from shortft.config import TrainConfig, to_dict
 from shortft.errors import TrainingStopped, UserError
 from shortft.methods import METHODS, Method, Rollout
+from shortft.methods.base import shortcut_file
 from shortft.prompts import load_prompts
 from shortft.sample import generate, run_metadata
 from shortft.stopping import EXIT_STATUS, StopSignal
@@ -57,6 +58,15 @@ def build_accelerator(cfg: TrainConfig):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
     return Accelerator(cpu=cfg.cpu, mixed_precision=precision(cfg)[1], gradient_accumulation_steps=cfg.grad_accum,
                        kwargs_handlers=[ddp])
+
+
+def check_files(cfg: TrainConfig) -> None:
+    """Find the model folder and the shortcut file (cache lookups, no loading): a missing one fails at once."""
+    from shortft.backends.sd import resolve_model
+
+    resolve_model(cfg.model)
+    if METHODS[cfg.method].uses_shortcut:
+        lora.resolve_file(shortcut_file(cfg))
 
 
 def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
@@ -248,9 +258,10 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
     run_dir = Path(cfg.resume or cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     accelerator = build_accelerator(cfg)
     is_main = accelerator.is_main_process
+    check_files(cfg)
+    reward = build_reward_fn(cfg, accelerator.device)  # before the model: missing reward weights fail fast
     torch.manual_seed(cfg.seed)  # LoRA initialisation (DDP also broadcasts rank 0's weights)
     backend, method = build_model(cfg, accelerator.device)
-    reward = build_reward_fn(cfg, accelerator.device)
     if is_main:  # everything the config names exists: now the run folder may be written
         write_config(run_dir, cfg)
     unet = backend.unet

@@ -21,6 +21,7 @@ import torch.utils.checkpoint
 
 from shortft import lora
 from shortft.errors import ConfigError, MissingFileError
+from shortft.hub import hub_folder
 
 Adapters = tuple[str, ...]
 
@@ -47,23 +48,29 @@ class Denoiser(torch.nn.Module):
         return out.float()
 
 
+# The files a diffusers model folder needs (safetensors weights only, no fp16/ema variants, no pickles).
+MODEL_FILES = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer*/*",
+               "*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*.safetensors",
+               "*/diffusion_pytorch_model.safetensors.index.json", "text_encoder*/model.safetensors",
+               "text_encoder*/model-*.safetensors", "text_encoder*/model.safetensors.index.json"]
+
+
 def resolve_model(spec: str) -> str:
-    """`world` -> the shipped world model folder; a local folder must exist; anything else is a hub id."""
+    """The local folder of a model: `world` (the shipped one), a local diffusers folder, or a hub id found
+    in the hub cache (downloaded only when it is not there and the hub is reachable; offline it fails at once)."""
     if spec == "world":
         from shortft.world import WORLD_MODEL
 
         if not (WORLD_MODEL / "unet").is_dir():
             raise MissingFileError(f"the embedded world model is missing at {WORLD_MODEL}; "
-                                    "regenerate it with `shortft world pretrain`")
+                                   "regenerate it with `shortft world pretrain`")
         return str(WORLD_MODEL)
     path = Path(spec).expanduser()
-    if path.exists():
-        if not (path / "unet").is_dir():
-            raise MissingFileError(f"model folder {spec!r} has no unet/ subfolder (diffusers layout expected)")
-        return str(path)
-    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
-        raise MissingFileError(f"model {spec!r} is not an existing folder nor a hub id like 'org/name'")
-    return spec
+    if not path.exists():
+        path = hub_folder(spec, "model", "pass a local diffusers folder with --model", allow_patterns=MODEL_FILES)
+    if not (path / "unet").is_dir():
+        raise MissingFileError(f"model folder {spec!r} has no unet/ subfolder (diffusers layout expected)")
+    return str(path)
 
 
 @dataclass

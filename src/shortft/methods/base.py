@@ -35,6 +35,7 @@ class Method:
     """
 
     name = "base"
+    uses_shortcut = False  # True for methods that load the frozen shortcut LoRA (`load_shortcut`)
 
     def __init__(self, cfg):
         self.cfg = cfg  # the TrainConfig (fields used by each method are listed in its docstring)

@@ -16,6 +16,7 @@ from shortft.methods.base import SHORTCUT, Method, load_shortcut, steps_with
 
 class ShortcutFT(Method):
     name = "shortcut-ft"
+    uses_shortcut = True
 
     def setup(self, backend) -> None:
         super().setup(backend)

@@ -40,6 +40,7 @@ def segment_bounds(num_steps: int, k: int) -> list[int]:
 
 class ShortFT(Method):
     name = "shortft"
+    uses_shortcut = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
