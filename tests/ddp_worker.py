@@ -20,7 +20,7 @@ original = train_mod.build_model
 def build_model_and_keep(cfg, device):
     backend, method = original(cfg, device)
     names = method.adapter_names()
-    captured["params"] = {n: p for n, p in backend.unet.named_parameters()
+    captured["params"] = {n: p for n, p in backend.net.named_parameters()
                           if ".lora_" in n and any(f".{a}." in n for a in names)}
     captured["init"] = {k: v.detach().clone() for k, v in captured["params"].items()}
     return backend, method

@@ -8,21 +8,35 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 
 from shortft import lora
 from shortft.backends import SDBackend
-from shortft.chain import END, Step, ddim_jump, run_plan, sampling_plan
+from shortft.chain import END, X0, Step, run_plan, sampling_plan
 from shortft.sample import generate
 from shortft.testing import make_tiny_model
 
 
-def test_ddim_jump_equals_scheduler_step(backend):
-    sched = DDIMScheduler.from_config(backend.scheduler_config)
+def _jump(backend, out, x, t, t_to):
+    x0, eps = backend.split(out, x, t)
+    a, b = backend.coefficients(t_to)
+    return a * x0 + b * eps
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_the_jump_to_the_next_timestep_is_the_ddim_step(tmp_path, prediction_type):
+    b = SDBackend.load(str(make_tiny_model(tmp_path / "m", prediction_type=prediction_type)))
+    sched = DDIMScheduler.from_config(b.scheduler_config)
     sched.set_timesteps(10)
-    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     ts = [int(t) for t in sched.timesteps]
     for i, t in enumerate(ts):
-        expected = sched.step(eps, t, x).prev_sample
+        expected = sched.step(out, t, x).prev_sample
         t_to = ts[i + 1] if i + 1 < len(ts) else END
-        got = ddim_jump(x, eps, backend.alpha(t), backend.alpha(t_to))
-        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(_jump(b, out, x, t, t_to), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_x0_is_exact_on_a_sample_built_from_known_x0_and_noise(backend):
+    x0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    for t in (981, 501, 1):
+        a, b = backend.coefficients(t)
+        torch.testing.assert_close(_jump(backend, eps, a * x0 + b * eps, t, X0), x0, atol=1e-4, rtol=1e-4)
 
 
 def test_sd15_timesteps_and_final_alpha(backend):
@@ -33,7 +47,7 @@ def test_sd15_timesteps_and_final_alpha(backend):
 
 
 def _stock_pipeline(b: SDBackend) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+    return StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.net,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
@@ -55,10 +69,10 @@ def test_engine_matches_stock_pipeline(tmp_path, prediction_type):
 def _lora_backend(tiny):
     b = SDBackend.load(tiny["model"])
     for name in ("a", "b"):
-        lora.add_lora(b.unet, name, 4)
-        for p in lora.adapter_parameters(b.unet, name):
+        lora.add_lora(b.net, name, 4)
+        for p in lora.adapter_parameters(b.net, name):
             p.data.normal_(0, 0.2)
-    lora.set_trainable(b.unet, ["a", "b"])
+    lora.set_trainable(b.net, ["a", "b"])
     return b
 
 
@@ -67,7 +81,7 @@ def _grads(b, steps, x):
     x = x.clone().requires_grad_(True)
     out = run_plan(b, steps, x, cond)
     out.square().sum().backward()
-    g = {n: lora.adapter_parameters(b.unet, n)[0].grad for n in ("a", "b")}
+    g = {n: lora.adapter_parameters(b.net, n)[0].grad for n in ("a", "b")}
     return out.detach(), x.grad, g
 
 
@@ -84,7 +98,7 @@ def test_grad_modes_route_gradients(tiny):
     assert g["a"] is not None and g["a"].abs().sum() > 0 and g["b"] is None
     assert not torch.allclose(gx_full, gx, atol=1e-6)
     # detach_input (DRTune): weights get gradient, the input only gets the linear term
-    b.unet.zero_grad(set_to_none=True)
+    b.net.zero_grad(set_to_none=True)
     out, gx_det, g = _grads(b, [Step(501, 481, ("a",), "detach_input")], x)
     assert g["a"] is not None and g["a"].abs().sum() > 0
     assert torch.allclose(gx_det, 2 * out * ratio, atol=1e-5)
@@ -97,7 +111,7 @@ def test_checkpoint_equals_full_with_switching_adapters(tiny):
     plan = [Step(501, 261, ("a",), "full"), Step(261, 1, ("a", "b"), "full"), Step(1, END, ("b",), "full")]
     out_f, gx_f, g_f = _grads(b, plan, x)
     g_f = {k: v.clone() for k, v in g_f.items()}
-    b.unet.zero_grad(set_to_none=True)
+    b.net.zero_grad(set_to_none=True)
     ckpt = [Step(s.t_from, s.t_to, s.adapters, "checkpoint") for s in plan]
     out_c, gx_c, g_c = _grads(b, ckpt, x)
     torch.testing.assert_close(out_c, out_f)
@@ -111,14 +125,14 @@ def test_stacked_adapters_add_up(tiny):
     x, t = torch.randn(1, 4, 8, 8), 501
     cond = b.encode_prompts(["x"])
     with torch.no_grad():
-        base, ea, eb, eab = (b.model_eps(x, t, cond, a) for a in [(), ("a",), ("b",), ("a", "b")])
+        base, ea, eb, eab = (b.model_output(x, t, cond, a) for a in [(), ("a",), ("b",), ("a", "b")])
     assert not torch.allclose(ea, base) and not torch.allclose(eab, ea)
     # the active set is exactly what was asked for, and switching never makes anything trainable
-    lora.activate(b.unet, ("b",))
-    assert lora.active(b.unet) == ["b"]
-    lora.set_trainable(b.unet, ["a"])
-    lora.activate(b.unet, ("a", "b"))
-    assert not any(p.requires_grad for p in lora.adapter_parameters(b.unet, "b"))
+    lora.activate(b.net, ("b",))
+    assert lora.active(b.net) == ["b"]
+    lora.set_trainable(b.net, ["a"])
+    lora.activate(b.net, ("a", "b"))
+    assert not any(p.requires_grad for p in lora.adapter_parameters(b.net, "b"))
 
 
 def test_each_call_runs_exactly_the_adapters_its_step_names(tiny):
@@ -126,7 +140,7 @@ def test_each_call_runs_exactly_the_adapters_its_step_names(tiny):
     every UNet call are the step's, also after something else switched them behind the engine's back."""
     b = _lora_backend(tiny)
     seen = []
-    hook = b.unet.register_forward_pre_hook(lambda module, args: seen.append(tuple(lora.active(module))))
+    hook = b.net.register_forward_pre_hook(lambda module, args: seen.append(tuple(lora.active(module))))
     plan = [Step(981, 761, ("a",), "none", 3.0), Step(761, 741, ("a",), "full", 3.0), Step(741, 501, ("b",), "full"),
             Step(501, 481, ("a", "b"), "checkpoint", 3.0), Step(481, 261, (), "none"), Step(261, END, ("a", "b"), "full")]
     x = torch.randn(1, 4, 8, 8)
@@ -134,8 +148,8 @@ def test_each_call_runs_exactly_the_adapters_its_step_names(tiny):
     run_plan(b, plan, x, cond, uncond).square().sum().backward()  # checkpoint recomputes its call in backward
     hook.remove()
     assert seen == [s.adapters for s in plan] + [("a", "b")]
-    for layer in lora.lora_layers(b.unet)[1:]:  # someone else leaves the layers in another state ...
+    for layer in lora.lora_layers(b.net)[1:]:  # someone else leaves the layers in another state ...
         layer._active_adapter = ["b"]
-    lora.lora_layers(b.unet)[0]._active_adapter = ["a"]
-    lora.activate(b.unet, ("b",))  # ... and the engine's switch still sets every layer
-    assert {tuple(layer.active_adapters) for layer in lora.lora_layers(b.unet)} == {("b",)}
+    lora.lora_layers(b.net)[0]._active_adapter = ["a"]
+    lora.activate(b.net, ("b",))  # ... and the engine's switch still sets every layer
+    assert {tuple(layer.active_adapters) for layer in lora.lora_layers(b.net)} == {("b",)}

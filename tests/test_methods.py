@@ -141,18 +141,18 @@ def _rollout_grads(tiny, name, progress=0.0, **kw):
     m = METHODS[name](cfg)
     m.setup(b)
     for n in m.adapter_names():  # non-zero B so every adapter is on the gradient path
-        for p in lora.adapter_parameters(b.unet, n):
+        for p in lora.adapter_parameters(b.net, n):
             p.data.normal_(0, 0.05)
-    lora.set_trainable(b.unet, m.trainable(progress))
+    lora.set_trainable(b.net, m.trainable(progress))
     prompts = ["a red circle", "a blue square"]
     g = torch.Generator().manual_seed(0)
     ro = Rollout(b, prompts, b.encode_prompts(prompts), b.encode_prompts(["", ""]),
                  torch.randn(b.latent_shape(2), generator=g), symmetry_reward, g)
     loss, rewards, _ = m.loss(ro, m.plan(progress, random.Random(0)))
     loss.backward()
-    got = {n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.adapter_parameters(b.unet, n))
-           for n in lora.adapter_names(b.unet)}
-    base_grads = [p for n, p in b.unet.named_parameters() if ".lora_" not in n and p.grad is not None]
+    got = {n: any(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.adapter_parameters(b.net, n))
+           for n in lora.adapter_names(b.net)}
+    base_grads = [p for n, p in b.net.named_parameters() if ".lora_" not in n and p.grad is not None]
     assert not base_grads and rewards.shape == (2,)
     return got
 

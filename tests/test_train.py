@@ -39,7 +39,7 @@ def trained(tiny, tmp_path_factory):
                                                           max_steps=4))
     torch.manual_seed(cfg.seed)
     backend, _ = build_model(cfg, "cpu")
-    before = {n: p.detach().clone() for n, p in backend.unet.named_parameters()}
+    before = {n: p.detach().clone() for n, p in backend.net.named_parameters()}
     return train(cfg), before
 
 
@@ -62,7 +62,7 @@ def test_trainable_changed_frozen_did_not(trained):
     """On the trained in-memory UNet: every parameter of lora1..lora4 moved from its initial value (each
     adapter's B matrices from zero), every base and shortcut weight is bit-identical to before training."""
     run, before = trained
-    now = dict(run.backend.unet.named_parameters())
+    now = dict(run.backend.net.named_parameters())
     assert now.keys() == before.keys()
     adapters = run.method.adapter_names()
     assert adapters == ["lora1", "lora2", "lora3", "lora4"]
@@ -106,7 +106,7 @@ def test_lora_files_load_in_stock_diffusers_and_sampling_matches(tiny, shortft_r
     prompts, seeds = ["a red circle on the left", "a small green triangle"], [0, 1]
     ours = generate(backend, method.sample_plan(), prompts, seeds)
     b = SDBackend.load(tiny["model"])
-    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+    pipe = StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.net,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     switch = TimestepLoRASwitch.from_run(shortft_run, pipe)

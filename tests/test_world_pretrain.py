@@ -138,8 +138,8 @@ def test_shortcut_part_distils_the_finished_model(tiny_out):
     assert log["steps_done"] == 3 and log["guidance"] == 5.0
     assert (log["config"]["decay"], log["config"]["student_guidance"], log["config"]["teacher_steps"]) == ("cosine", 5.0, 0)
     backend = SDBackend.load(str(cfg.out / "model"))
-    lora.load_lora(backend.unet, cfg.out / "shortcut.safetensors", "shortcut")
-    loaded = lora.lora_state_dict(backend.unet, "shortcut")
+    lora.load_lora(backend.net, cfg.out / "shortcut.safetensors", "shortcut")
+    loaded = lora.lora_state_dict(backend.net, "shortcut")
     assert loaded.keys() == sd.keys()
     for k in sd:  # the distilled weights, not a fresh adapter
         torch.testing.assert_close(loaded[k], sd[k].float())

@@ -1,6 +1,6 @@
-"""LoRA adapters on one UNet: add, stack, switch, freeze, save and load.
+"""LoRA adapters on one denoising network (a UNet or a transformer): add, stack, switch, freeze, save, load.
 
-All adapters live on the same UNet (peft, through diffusers' `add_adapter` / `load_lora_into_unet`):
+All adapters live on the same network (peft, through diffusers' `add_adapter` / `load_lora_into_*`):
 the shortcut is a frozen adapter, ShortFT's timestep-aware LoRAs are further adapters, and *stacking*
 means several adapters active at once (their low-rank updates add up).
 
@@ -8,14 +8,16 @@ peft's own `set_adapter` also flips `requires_grad` on the adapters it (de)activ
 the frozen shortcut trainable whenever it runs. `activate` therefore switches adapters without
 touching `requires_grad`: which parameters train is decided once by `set_trainable`.
 
-Files are written in the diffusers LoRA format (keys `unet.<module>.lora_A.weight`, LoraConfig in the
-safetensors metadata), so a stock `pipe.load_lora_weights(path, adapter_name=...)` loads them.
+Files are written in each family's diffusers LoRA format (`LoraFormat`: keys `unet.<module>.lora_A.weight`
+or `transformer.<module>...`, LoraConfig in the safetensors metadata), so a stock
+`pipe.load_lora_weights(path, adapter_name=...)` of that family loads them. Only safetensors files are read.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,29 @@ from shortft.hub import hub_file
 
 # "Attention and feed-forward layers" of the SD UNet's transformer blocks (paper, sec. 3.2).
 ATTN_FF_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+# The same in SD 3's joint blocks, both branches: the image stream and the context (text) stream.
+SD3_TARGETS = ATTN_FF_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj",
+                                 "ff_context.net.2")
+
+
+@dataclass(frozen=True)
+class LoraFormat:
+    """One model family's diffusers LoRA files and the loader mixin that reads and writes them."""
+
+    component: str  # "unet" or "transformer": the key prefix in the files and the name in the loader's API
+    pipeline: str  # the diffusers pipeline class whose lora_state_dict / load_lora_into_* / save_lora_weights apply
+    targets: tuple[str, ...]  # the layers a fresh adapter goes on
+
+
+SD_LORA = LoraFormat("unet", "StableDiffusionPipeline", ATTN_FF_TARGETS)
+SDXL_LORA = LoraFormat("unet", "StableDiffusionXLPipeline", ATTN_FF_TARGETS)
+SD3_LORA = LoraFormat("transformer", "StableDiffusion3Pipeline", SD3_TARGETS)
+
+
+def _loader(fmt: LoraFormat):
+    import diffusers
+
+    return getattr(diffusers, fmt.pipeline)
 
 
 def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = None,
@@ -110,17 +135,21 @@ def resolve_file(spec: str | os.PathLike) -> Path:
     return hub_file(spec, "LoRA file", "pass the local .safetensors path")
 
 
-def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainable: bool = False) -> None:
-    """Load a LoRA file (diffusers or kohya keys, e.g. Hyper-SD) onto the UNet as adapter `name`."""
-    from diffusers import StableDiffusionPipeline  # the loader mixin that understands every SD LoRA format
-
+def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainable: bool = False,
+              fmt: LoraFormat = SD_LORA) -> None:
+    """Load a LoRA file (diffusers or kohya keys, e.g. Hyper-SD) of format `fmt` onto the network as `name`."""
     path = resolve_file(spec)
-    state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(str(path), return_lora_metadata=True)
-    if not any(k.startswith("unet.") for k in state_dict):
-        raise ConfigError(f"{path} holds no UNet LoRA weights (keys start with {next(iter(state_dict), None)!r})")
+    loader = _loader(fmt)  # the mixin that understands every LoRA key layout of the family
+    loaded = loader.lora_state_dict(str(path), return_lora_metadata=True, use_safetensors=True)
+    state_dict, metadata = loaded[0], loaded[-1]
+    if not any(k.startswith(f"{fmt.component}.") for k in state_dict):
+        raise ConfigError(f"{path} holds no {fmt.component} LoRA weights for {fmt.pipeline} (keys start with "
+                          f"{next(iter(state_dict), None)!r})")
     if name in adapter_names(unet):
         raise ValueError(f"an adapter named {name!r} is already loaded")  # a bug, not bad input
-    StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, unet, adapter_name=name, metadata=metadata)
+    alphas = {"network_alphas": loaded[1]} if fmt.component == "unet" else {}
+    getattr(loader, f"load_lora_into_{fmt.component}")(state_dict, **alphas, **{fmt.component: unet},
+                                                         adapter_name=name, metadata=metadata)
     for p in adapter_parameters(unet, name):
         p.requires_grad_(trainable)
         if trainable:
@@ -128,22 +157,22 @@ def load_lora(unet: torch.nn.Module, spec: str | os.PathLike, name: str, trainab
     activate(unet, [])  # loading activates the new adapter; the chain decides what runs
 
 
-def lora_state_dict(unet: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """Adapter `name`'s weights with diffusers keys (`unet.` prefix, no adapter name in the keys)."""
+def lora_state_dict(unet: torch.nn.Module, name: str, fmt: LoraFormat = SD_LORA) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights with diffusers keys (`unet.` / `transformer.` prefix, no adapter name)."""
     sd = get_peft_model_state_dict(unet, adapter_name=name)
-    return {f"unet.{k}": v.detach().clone() for k, v in sd.items()}
+    return {f"{fmt.component}.{k}": v.detach().clone() for k, v in sd.items()}
 
 
-def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path:
-    """Write adapter `name` as a diffusers LoRA safetensors file with its LoraConfig as metadata, its
-    tensors in `dtype` (fp16 halves the file; loaders cast to the UNet's dtype)."""
-    from diffusers import StableDiffusionPipeline
-
+def save_lora(unet: torch.nn.Module, name: str, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+              fmt: LoraFormat = SD_LORA) -> Path:
+    """Write adapter `name` as a diffusers LoRA safetensors file of format `fmt` with its LoraConfig as
+    metadata, its tensors in `dtype` (fp16 halves the file; loaders cast to the network's dtype)."""
     path = Path(path)
-    layers = {k[len("unet."):]: v.to(dtype) for k, v in lora_state_dict(unet, name).items()}
+    prefix = f"{fmt.component}."
+    layers = {k[len(prefix):]: v.to(dtype) for k, v in lora_state_dict(unet, name, fmt).items()}
     config = unet.peft_config[name].to_dict()
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
     with files.atomic_path(path) as tmp:  # a reader never sees half a file
-        StableDiffusionPipeline.save_lora_weights(tmp.parent, unet_lora_layers=layers, weight_name=tmp.name,
-                                                  unet_lora_adapter_metadata=config)
+        _loader(fmt).save_lora_weights(tmp.parent, weight_name=tmp.name, **{f"{fmt.component}_lora_layers": layers,
+                                       f"{fmt.component}_lora_adapter_metadata": config})
     return path

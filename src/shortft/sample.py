@@ -43,16 +43,16 @@ def run_metadata_of(run_dir: str | Path) -> dict:
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     """Rebuild (backend, method, cfg) from a run folder, with its trained LoRAs loaded."""
-    from shortft.backends import SDBackend
+    from shortft.backends import load_backend
     from shortft.config import TrainConfig, from_dict
     from shortft.methods import METHODS
 
     run_dir = Path(run_dir)
     meta = run_metadata_of(run_dir)
     cfg = from_dict(TrainConfig, meta["config"])
-    backend = SDBackend.load(cfg.model, device=device)
+    backend = load_backend(cfg.model, device=device)
     for name in meta["adapters"]:
-        lora.load_lora(backend.unet, run_dir / "lora" / f"{name}.safetensors", name)
+        lora.load_lora(backend.net, run_dir / "lora" / f"{name}.safetensors", name, fmt=backend.lora_format)
     method = METHODS[cfg.method](cfg)
     method.setup(backend)
     return backend, method, cfg

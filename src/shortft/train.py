@@ -62,7 +62,7 @@ def build_accelerator(cfg: TrainConfig):
 
 def check_files(cfg: TrainConfig) -> None:
     """Find the model folder and the shortcut file (cache lookups, no loading): a missing one fails at once."""
-    from shortft.backends.sd import resolve_model
+    from shortft.backends import resolve_model
 
     resolve_model(cfg.model)
     if METHODS[cfg.method].uses_shortcut:
@@ -71,9 +71,9 @@ def check_files(cfg: TrainConfig) -> None:
 
 def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
     """Backend with the method's adapters (and shortcut) on its UNet."""
-    from shortft.backends import SDBackend
+    from shortft.backends import load_backend
 
-    backend = SDBackend.load(cfg.model, device=device, dtype=precision(cfg)[0])
+    backend = load_backend(cfg.model, device=device, dtype=precision(cfg)[0])
     method = METHODS[cfg.method](cfg)
     method.setup(backend)
     return backend, method
@@ -154,10 +154,10 @@ def write_config(run_dir: Path, cfg: TrainConfig) -> None:
     files.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def save_loras(run_dir: Path, unet, method: Method, cfg: TrainConfig) -> None:
-    """The deliverable: one diffusers LoRA file per adapter plus the per-timestep schedule."""
+def save_loras(run_dir: Path, backend, method: Method, cfg: TrainConfig) -> None:
+    """The deliverable: one diffusers LoRA file per adapter (the family's format) plus the per-timestep schedule."""
     for name in method.adapter_names():
-        lora.save_lora(unet, name, run_dir / "lora" / f"{name}.safetensors")
+        lora.save_lora(backend.net, name, run_dir / "lora" / f"{name}.safetensors", fmt=backend.lora_format)
     files.write_json(run_dir / "lora" / "shortft.json", run_metadata(method, to_dict(cfg)))
 
 
@@ -264,7 +264,7 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
     backend, method = build_model(cfg, accelerator.device)
     if is_main:  # everything the config names exists: now the run folder may be written
         write_config(run_dir, cfg)
-    unet = backend.unet
+    unet = backend.net
     params = lora.set_trainable(unet, method.adapter_names())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     backend.denoiser, optimizer = accelerator.prepare(backend.denoiser, optimizer)
@@ -346,7 +346,7 @@ def finish(cfg, run_dir, accelerator, backend, method, reward, eval_prompts, sta
     accelerator.wait_for_everyone()
     summary = None
     if accelerator.is_main_process:
-        save_loras(run_dir, backend.unet, method, cfg)
+        save_loras(run_dir, backend, method, cfg)
         files.write_json(run_dir / "history.json", state["history"])
         after, images = evaluate(backend, method, reward, eval_prompts)
         save_grid(images, run_dir / "grids" / f"step-{state['step']:07d}.png", scale=2)

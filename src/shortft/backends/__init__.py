@@ -1,8 +1,21 @@
-"""Model backends. A backend loads a model family with diffusers and exposes the few operations the
-chain needs; the chain never learns which backend it drives."""
+"""Model backends, one per family, each loading its models with diffusers and exposing the few operations
+the chain needs (see backends/sd.py); the chain and the methods never learn which one they drive.
+`load_backend` picks the family from the model folder's model_index.json."""
 
-from shortft.backends.sd import Denoiser, SDBackend
+from __future__ import annotations
 
-BACKENDS = {"sd": SDBackend}
+import torch
 
-__all__ = ["BACKENDS", "Denoiser", "SDBackend"]
+from shortft.backends.common import Denoiser, model_family, resolve_model
+from shortft.backends.sd import SDBackend
+from shortft.backends.sd3 import SD3Backend
+
+BACKENDS = {"sd": SDBackend, "sd3": SD3Backend}
+
+
+def load_backend(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """The backend of `model` (a hub id, a local diffusers folder, or an embedded model's name), loaded."""
+    return BACKENDS[model_family(resolve_model(model))].load(model, device=device, dtype=dtype)
+
+
+__all__ = ["BACKENDS", "Denoiser", "SD3Backend", "SDBackend", "load_backend", "model_family", "resolve_model"]

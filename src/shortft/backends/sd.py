@@ -1,83 +1,39 @@
-"""Stable Diffusion 1.5-family backend: UNet2DConditionModel + AutoencoderKL + CLIP text encoder.
+"""Stable Diffusion 1.5-family backend: UNet2DConditionModel + AutoencoderKL + CLIP text encoder, DDIM.
 
 Loaded with diffusers/transformers from a hub id or a local folder in the diffusers layout
 (`unet/ vae/ text_encoder/ tokenizer/ scheduler/`). The embedded world model (`--model world`) is such
 a folder, so it goes through exactly this code. Nothing outside `backends/` touches these classes.
 
-The backend exposes the few operations the chain needs:
-    encode_prompts(prompts)              -> (B, L, D) text embeddings
-    model_eps(x, t, context, adapters)   -> (B, C, h, w) predicted noise (v-prediction converted)
-    decode(latents)                      -> (B, 3, H, W) images in [0, 1], differentiable
-    alpha(t), timesteps(n)               -> the noise schedule ᾱ_t and the DDIM sampling timesteps
+What the chain needs from a backend (the same for every family):
+    encode_prompts(prompts)                     -> conditioning: {"hidden": (B, L, D)}
+    model_output(x, t, cond, adapters, ckpt)    -> (B, C, h, w) the network's raw prediction (ε or v)
+    split(out, x, t)                            -> (x̂0, ε̂)
+    coefficients(t)                             -> (a, b) with x_t = a x0 + b ε: (√ᾱ_t, √(1-ᾱ_t))
+    timesteps(n)                                -> the stock DDIMScheduler's sampling timesteps
+    decode(latents)                             -> (B, 3, H, W) images in [0, 1], differentiable
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.utils.checkpoint
 
 from shortft import lora
-from shortft.errors import ConfigError, MissingFileError
-from shortft.hub import hub_folder
-
-Adapters = tuple[str, ...]
+from shortft.backends.common import Denoiser, freeze, load_failed, resolve_model
+from shortft.errors import ConfigError
 
 
-class Denoiser(torch.nn.Module):
-    """The UNet plus the adapter switch: the module that accelerate prepares (DDP wraps this), so that
-    every UNet call of the chain goes through the wrapper and gradients synchronise across processes."""
-
-    def __init__(self, unet: torch.nn.Module):
-        super().__init__()
-        self.unet = unet
-        self.dtype = unet.dtype  # read once: diffusers computes it by walking the model on every access
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, adapters: Adapters,
-                checkpoint: bool = False) -> torch.Tensor:
-        if checkpoint:
-            # The recomputation in backward runs _run again, which re-activates *this* step's adapters.
-            return torch.utils.checkpoint.checkpoint(self._run, x, t, context, adapters, use_reentrant=False)
-        return self._run(x, t, context, adapters)
-
-    def _run(self, x, t, context, adapters):
-        lora.activate(self.unet, adapters)  # O(1) when the adapters did not change since the last call
-        out = self.unet(x.to(self.dtype), t, encoder_hidden_states=context.to(self.dtype)).sample  # (B, C, h, w)
-        return out.float()
-
-
-# The files a diffusers model folder needs (safetensors weights only, no fp16/ema variants, no pickles).
-MODEL_FILES = ["model_index.json", "*/config.json", "*/scheduler_config.json", "tokenizer*/*",
-               "*/diffusion_pytorch_model.safetensors", "*/diffusion_pytorch_model-*.safetensors",
-               "*/diffusion_pytorch_model.safetensors.index.json", "text_encoder*/model.safetensors",
-               "text_encoder*/model-*.safetensors", "text_encoder*/model.safetensors.index.json"]
-
-
-def resolve_model(spec: str) -> str:
-    """The local folder of a model: `world` (the shipped one), a local diffusers folder, or a hub id found
-    in the hub cache (downloaded only when it is not there and the hub is reachable; offline it fails at once)."""
-    if spec == "world":
-        from shortft.world import WORLD_MODEL
-
-        if not (WORLD_MODEL / "unet").is_dir():
-            raise MissingFileError(f"the embedded world model is missing at {WORLD_MODEL}; "
-                                   "regenerate it with `shortft world pretrain`")
-        return str(WORLD_MODEL)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        path = hub_folder(spec, "model", "pass a local diffusers folder with --model", allow_patterns=MODEL_FILES)
-    if not (path / "unet").is_dir():
-        raise MissingFileError(f"model folder {spec!r} has no unet/ subfolder (diffusers layout expected)")
-    return str(path)
+class UNetDenoiser(Denoiser):
+    def call(self, x, t, cond):
+        return self.net(x, t, encoder_hidden_states=cond["hidden"]).sample  # (B, C, h, w)
 
 
 @dataclass
 class SDBackend:
-    """Frozen SD components plus the denoiser; LoRA adapters live on `unet`."""
+    """Frozen SD components plus the denoiser; LoRA adapters live on `net` (the UNet)."""
 
-    unet: torch.nn.Module  # UNet2DConditionModel (carries all adapters)
+    net: torch.nn.Module  # UNet2DConditionModel (carries all adapters)
     vae: torch.nn.Module  # AutoencoderKL, frozen
     text_encoder: torch.nn.Module  # CLIPTextModel, frozen
     tokenizer: object  # CLIPTokenizer
@@ -86,11 +42,13 @@ class SDBackend:
     scheduler_config: dict  # kept to build the stock DDIMScheduler for timesteps / parity
     prediction_type: str  # "epsilon" or "v_prediction"
     device: torch.device
-    denoiser: torch.nn.Module | None = None  # Denoiser(unet), replaced by accelerate's prepared wrapper
+    denoiser: torch.nn.Module | None = None  # UNetDenoiser(net), replaced by accelerate's prepared wrapper
+    lora_format: lora.LoraFormat = lora.SD_LORA  # how this family's LoRA files look
+    family: str = "sd"
 
     def __post_init__(self):
         if self.denoiser is None:
-            self.denoiser = Denoiser(self.unet)
+            self.denoiser = UNetDenoiser(self.net)
 
     @classmethod
     def load(cls, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDBackend:
@@ -106,20 +64,19 @@ class SDBackend:
             unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype)
             scheduler = DDIMScheduler.from_pretrained(where, subfolder="scheduler")
         except OSError as err:
-            raise MissingFileError(f"cannot load model {model!r} ({err.__class__.__name__}: "
-                                    f"{str(err).splitlines()[0]}); is it downloaded / in the hub cache?") from err
+            raise load_failed(model, err) from err
         device = torch.device(device)
-        for m in (text_encoder, vae, unet):
-            m.requires_grad_(False)
-            m.eval()
-            m.to(device)
+        freeze(text_encoder, vae, unet, device=device)
         sc = scheduler.config
         if sc.get("clip_sample", False) or sc.get("thresholding", False):
             raise ConfigError(f"model {model!r}: schedulers with clip_sample/thresholding are not supported by the "
                               "chain engine")
+        if sc.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"model {model!r}: prediction_type {sc['prediction_type']!r} is not supported "
+                              "(epsilon, v_prediction)")
         ac = scheduler.alphas_cumprod.to(torch.float64)
         final = 1.0 if sc.get("set_alpha_to_one", True) else float(ac[0])
-        return cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, alphas_cumprod=ac,
+        return cls(net=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, alphas_cumprod=ac,
                    final_alpha_cumprod=final, scheduler_config=dict(sc),
                    prediction_type=sc.get("prediction_type", "epsilon"), device=device)
 
@@ -141,33 +98,37 @@ class SDBackend:
             return self.final_alpha_cumprod
         return float(self.alphas_cumprod[t])
 
+    def coefficients(self, t: int | None) -> tuple[float, float]:
+        """(a, b) of x_t = a x0 + b ε: (√ᾱ_t, √(1-ᾱ_t))."""
+        a = self.alpha(t)
+        return a**0.5, (1 - a) ** 0.5
+
     # --- model ----------------------------------------------------------------------------------------
     def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        c = self.unet.config
+        c = self.net.config
         return (batch, c.in_channels, c.sample_size, c.sample_size)
 
     @property
     def image_size(self) -> int:
-        return self.unet.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.net.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(B,) prompts -> (B, L, D) last hidden states, padded to max length as the SD pipeline does."""
+    def encode_prompts(self, prompts: list[str]) -> dict:
+        """(B,) prompts -> {"hidden": (B, L, D)} last hidden states, padded to max length as the SD pipeline does."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids.to(self.device)
         with torch.no_grad():
-            return self.text_encoder(ids)[0].float()
+            return {"hidden": self.text_encoder(ids)[0].float()}
 
-    def model_eps(self, x: torch.Tensor, t: int, context: torch.Tensor, adapters: Adapters = (),
-                  checkpoint: bool = False) -> torch.Tensor:
-        """ε̂(x_t, t, c) with the given adapters active; v-prediction is converted to ε."""
-        tt = torch.tensor(t, device=x.device, dtype=torch.long)
-        out = self.denoiser(x, tt, context, tuple(adapters), checkpoint)  # (B, C, h, w)
-        if self.prediction_type == "v_prediction":
-            a = self.alpha(t)
-            return a**0.5 * out + (1 - a) ** 0.5 * x  # ε = √ᾱ v + √(1-ᾱ) x
-        if self.prediction_type != "epsilon":
-            raise ConfigError(f"prediction_type {self.prediction_type!r} not supported (epsilon, v_prediction)")
-        return out
+    def model_output(self, x: torch.Tensor, t: int, cond: dict, adapters: tuple[str, ...] = (),
+                     checkpoint: bool = False) -> torch.Tensor:
+        """The UNet's prediction at (x_t, t, c) with the given adapters active: ε or v, as the model predicts."""
+        return self.denoiser(x, torch.tensor(t, device=x.device, dtype=torch.long), cond, tuple(adapters), checkpoint)
+
+    def split(self, out: torch.Tensor, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x̂0, ε̂) from the prediction; v-prediction is converted (ε = √ᾱ v + √(1-ᾱ) x)."""
+        a, b = self.coefficients(t)
+        eps = a * out + b * x if self.prediction_type == "v_prediction" else out
+        return (x - b * eps) / a, eps
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, 4, h, w) latents -> (B, 3, H, W) images in [0, 1]; differentiable w.r.t. the latents."""

@@ -18,10 +18,10 @@ SHORTCUT = "shortcut"  # adapter name of the frozen shortcut LoRA (ShortFT, shor
 class Rollout:
     """Everything one training rollout needs besides the plan."""
 
-    backend: object  # SDBackend
+    backend: object  # a backend (shortft.backends)
     prompts: list[str]  # (B,) prompts of this rollout
-    cond: torch.Tensor  # (B, L, D) prompt embeddings
-    uncond: torch.Tensor  # (B, L, D) empty-prompt embeddings (CFG)
+    cond: dict  # the prompts' conditioning (backend.encode_prompts; batch-first tensors)
+    uncond: dict  # the empty prompt's, one row per prompt (CFG)
     x_T: torch.Tensor  # (B, C, h, w) initial noise
     reward: object  # (images in [0,1], prompts) -> (B,)
     generator: torch.Generator  # for noise a method draws during the rollout (DRaFT-LV)
@@ -66,8 +66,8 @@ class Method:
         """Fix the timesteps and add this method's fresh LoRA adapters to the backend's UNet."""
         self.use_timesteps(backend.timesteps(self.cfg.num_steps))
         for name in self.adapter_names():
-            if name not in lora.adapter_names(backend.unet):
-                lora.add_lora(backend.unet, name, self.cfg.lora_rank, self.cfg.lora_alpha)
+            if name not in lora.adapter_names(backend.net):
+                lora.add_lora(backend.net, name, self.cfg.lora_rank, self.cfg.lora_alpha, backend.lora_format.targets)
 
     # --- rollouts -------------------------------------------------------------------------------------
     def plan(self, progress: float, rng: random.Random) -> Plan:
@@ -102,9 +102,9 @@ def shortcut_file(cfg) -> str:
 def load_shortcut(backend, cfg) -> None:
     """Load the frozen shortcut LoRA (`shortcut_file`, at cfg.shortcut_scale) as adapter SHORTCUT, once; a
     method that needs one calls this from `setup`."""
-    if SHORTCUT not in lora.adapter_names(backend.unet):
-        lora.load_lora(backend.unet, shortcut_file(cfg), SHORTCUT, trainable=False)
-        lora.set_scale(backend.unet, SHORTCUT, cfg.shortcut_scale)
+    if SHORTCUT not in lora.adapter_names(backend.net):
+        lora.load_lora(backend.net, shortcut_file(cfg), SHORTCUT, trainable=False, fmt=backend.lora_format)
+        lora.set_scale(backend.net, SHORTCUT, cfg.shortcut_scale)
 
 
 def steps_with(timesteps: list[int], adapters, grads: list[str], guidance: float, stop: int | None = None):

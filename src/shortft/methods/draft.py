@@ -51,11 +51,11 @@ class DraftLV(DraftK):
         x0 = run_plan(backend, plan, ro.x_T, ro.cond, ro.uncond)
         rewards = ro.reward(backend.decode(x0), ro.prompts)  # (B,) the ordinary copy
         total = rewards.mean()
-        a = backend.alpha(last.t_from)
+        a, b = backend.coefficients(last.t_from)
         renoise = Step(last.t_from, END, last.adapters, "full", last.guidance)
         for _ in range(self.cfg.lv_copies):
             noise = torch.randn(x0.shape, generator=ro.generator).to(x0.device)
-            x_t = a**0.5 * x0.detach() + (1 - a) ** 0.5 * noise  # re-noise the stop-gradient sample
+            x_t = a * x0.detach() + b * noise  # re-noise the stop-gradient sample (x_t = a x0 + b ε, any family)
             x0_j = run_plan(backend, [renoise], x_t, ro.cond, ro.uncond)
             total = total + ro.reward(backend.decode(x0_j), ro.prompts).mean()
         return -total, rewards.detach(), {"graph_calls": 1 + self.cfg.lv_copies,
