@@ -63,7 +63,7 @@ def run(args) -> int:
     if not args.eval:
         given = [f"--{k}" for k in EVAL_ONLY if getattr(args, k) is not None]
         if given:
-            raise ConfigError(f"{', '.join(given)} only apply with --eval")
+            raise ConfigError(f"{', '.join(given)}: only with --eval")
         distill(cfg, fresh=args.fresh)
         return 0
     validate(cfg, training=False)

@@ -65,18 +65,6 @@ def build_model(cfg: DistillConfig, prompts: list[str]):
     return backend, contexts, uncond, lora.set_trainable(backend.unet, [STUDENT])
 
 
-def build_pool_cached(cfg: DistillConfig, backend, ts: list[int], prompts: list[str], contexts, uncond,
-                      guidance: float, work: Path):
-    """The teacher pool from the work dir when its key matches, else sampled now and saved there."""
-    key = pool_key(cfg, prompts, guidance)
-    stored = load_pool(work / POOL, key)
-    if stored is not None:
-        return stored
-    pool, pool_prompts = build_pool(backend, ts, contexts.to(backend.device), uncond, cfg, guidance)
-    save_pool(work / POOL, key, pool, pool_prompts)
-    return pool, pool_prompts
-
-
 # --- checkpoints ------------------------------------------------------------------------------------------
 def save_state(work: Path, unet, optimizer, step: int, history: list[dict], cfg: DistillConfig,
                rng: random.Random, generator: torch.Generator) -> Path:
@@ -89,13 +77,14 @@ def save_state(work: Path, unet, optimizer, step: int, history: list[dict], cfg:
     return files.save_checkpoint(work / CHECKPOINT, tensors, state, optimizer.state_dict())
 
 
-def load_state(work: Path, unet, optimizer, cfg: DistillConfig, rng: random.Random,
-               generator: torch.Generator) -> tuple[int, list[dict]]:
-    """Restore the work dir's checkpoint into the adapter, optimizer and random streams; (step, history).
-    A checkpoint made with another config (beyond the RESUMABLE fields) is refused."""
+def read_checkpoint(folder: Path, cfg: DistillConfig) -> tuple | None:
+    """The checkpoint in `folder` (tensors, state, optimizer state), None when there is none. Read and
+    checked before any model loads: a damaged one, or one made with another config (beyond the
+    RESUMABLE fields), is refused."""
     from shortft import files
 
-    folder = work / CHECKPOINT
+    if not folder.is_dir():
+        return None
     tensors, state, optimizer_state = files.load_checkpoint(folder)
     old = {k: v for k, v in state["config"].items() if k not in RESUMABLE}
     new = {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE}
@@ -103,10 +92,18 @@ def load_state(work: Path, unet, optimizer, cfg: DistillConfig, rng: random.Rand
         diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)}
         raise ConfigError(f"checkpoint {folder} was made with a different config {diff} (old, new); "
                           "pass --fresh to start over or use another --work-dir")
-    generator.set_state(tensors.pop(GENERATOR))
+    return tensors, state, optimizer_state
+
+
+def restore(checkpoint: tuple, unet, optimizer, rng: random.Random,
+            generator: torch.Generator) -> tuple[int, list[dict]]:
+    """Put a read checkpoint back into the adapter, the optimizer and both random streams; (step, history)."""
+    tensors, state, optimizer_state = checkpoint
     params = adapter_tensors(unet)
     for name, value in tensors.items():
-        params[name].data.copy_(value)
+        if name != GENERATOR:
+            params[name].data.copy_(value)
+    generator.set_state(tensors[GENERATOR])
     optimizer.load_state_dict(optimizer_state)
     version, internal, gauss = state["rng"]
     rng.setstate((version, tuple(internal), gauss))
@@ -125,8 +122,12 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     validate(cfg)
     defaults = model_defaults(cfg.model)
     guidance = cfg.guidance or defaults["guidance"]
-    prompts = load_prompts(cfg.prompts or defaults["prompts"])  # fail early
+    prompts = load_prompts(cfg.prompts or defaults["prompts"])
     work = Path(cfg.work_dir or f"runs/distill-{Path(cfg.out).stem}")
+    # what the work dir holds is read (and refused, if it must be) before the model loads
+    checkpoint = None if fresh else read_checkpoint(work / CHECKPOINT, cfg)
+    key = pool_key(cfg, prompts, guidance)
+    stored_pool = load_pool(work / POOL, key)
     work.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -136,11 +137,14 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     step, history = 0, []
-    if (work / CHECKPOINT).is_dir() and not fresh:
-        step, history = load_state(work, backend.unet, optimizer, cfg, rng, generator)
+    if checkpoint is not None:
+        step, history = restore(checkpoint, backend.unet, optimizer, rng, generator)
         print(f"distill: resuming {work / CHECKPOINT} at step {step}")
     t0 = time.time()
-    pool, pool_prompts = build_pool_cached(cfg, backend, ts, prompts, contexts, uncond, guidance, work)
+    if stored_pool is None:
+        stored_pool = build_pool(backend, ts, contexts.to(backend.device), uncond, cfg, guidance)
+        save_pool(work / POOL, key, *stored_pool)
+    pool, pool_prompts = stored_pool
     pool_seconds = time.time() - t0
     objective = SegmentLoss(backend, ts, layout, contexts, uncond, pool, pool_prompts, cfg, guidance)
     describe(cfg, ts, layout, guidance, params, len(pool), pool_seconds, work)
