@@ -244,6 +244,8 @@ def test_cli_writes_a_shortcut_that_loads_both_ways_and_resumes(tiny, tmp_path, 
     (["--preset", "world", "ema=0.9"], "unknown config key 'ema'"),
     (["--count", "3"], "--count: only with --eval"),
     (["--eval", "--count", "2"], "--eval needs --shortcut FILE"),
+    (["--config", "no-such.yaml"], "config file 'no-such.yaml' does not exist"),
+    (["--prompts", "no-such.txt"], "no-such.txt"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path, capsys, argv, message):
     assert main(["distill", "--model", tiny["model"], "--out", str(tmp_path / "x.safetensors"), *argv]) == 2

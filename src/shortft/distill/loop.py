@@ -1,4 +1,4 @@
-"""`distill`: train the shortcut LoRA. Setup lives in the build_* helpers; the loop reads top to bottom.
+"""`distill`: train the shortcut LoRA. Setup lives in `build_model`; the loop reads top to bottom.
 
 The work dir holds everything needed to resume: `checkpoint/` (shortft.files: the adapter's tensors and
 the torch.Generator's state in safetensors, the optimizer state, the Python rng's state, step, history
