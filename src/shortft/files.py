@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -116,5 +117,9 @@ def load_checkpoint(folder: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     state = json.loads((folder / "state.json").read_text())
     optimizer = None
     if (folder / "optimizer.pt").is_file():
-        optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        try:
+            optimizer = torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:  # it holds more than tensors and plain values: never run it
+            raise CorruptCheckpoint(f"checkpoint {folder}: optimizer.pt holds objects other than tensors and "
+                                    "plain values; refusing to load it") from None
     return tensors, state, optimizer
