@@ -305,3 +305,16 @@ def test_cli_sets_sections_and_reports_bad_input(tmp_path, capsys):
         assert main(["world", "pretrain", "--preset", "tiny", *argv]) == 2, argv
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, (argv, err)
+
+
+def test_world_eval_command(tmp_path, capsys):
+    """`shortft world eval` on real images only: the evaluator reads them perfectly, the JSON holds what the
+    table shows; a missing model folder is a one-line error."""
+    out = tmp_path / "eval.json"
+    assert main(["world", "eval", "--skip", "model", "clip", "--real", "8", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["real"]["train"]["mean"] == res["real"]["heldout"]["mean"] == 1.0
+    assert "| real | heldout | 1.000 |" in capsys.readouterr().out
+    assert main(["world", "eval", "--skip", "real", "clip", "--model", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "model folder" in err and "does not exist" in err and "\n" not in err
