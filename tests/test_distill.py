@@ -92,7 +92,7 @@ def _loss(tiny, **kw) -> tuple[SDBackend, SegmentLoss]:
     prompts = open(tiny["prompts"]).read().split("\n")[:3]
     contexts, uncond = backend.encode_prompts(prompts), backend.encode_prompts([""])
     torch.manual_seed(0)
-    lora.add_lora(backend.unet, STUDENT, cfg.rank)
+    lora.add_lora(backend.net, STUDENT, cfg.rank)
     pool, which = build_pool(backend, ts, contexts, uncond, cfg, cfg.guidance)
     return backend, SegmentLoss(backend, ts, segment_layout(ts, cfg.segments), contexts, uncond, pool, which, cfg,
                                 cfg.guidance)
@@ -101,7 +101,7 @@ def _loss(tiny, **kw) -> tuple[SDBackend, SegmentLoss]:
 @pytest.mark.parametrize("noised_fraction", [0.0, 1.0])  # targets read from the pool / the live teacher
 def test_loss_falls_and_only_the_shortcut_trains(tiny, noised_fraction):
     backend, objective = _loss(tiny, noised_fraction=noised_fraction)
-    unet = backend.unet
+    unet = backend.net
     params = lora.set_trainable(unet, [STUDENT])
     assert len(params) == len(lora.adapter_parameters(unet, STUDENT)) > 0
     base = {n: p.detach().clone() for n, p in unet.named_parameters() if ".lora_" not in n}
@@ -165,7 +165,7 @@ def test_live_teacher_lands_on_the_stored_trajectory(tiny):
     _, objective = _loss(tiny, noised_fraction=0.0)
     for g in objective.draw(random.Random(1), torch.Generator().manual_seed(1)):
         x = objective.x_t(g)  # on-trajectory states
-        cond = objective.contexts[objective.pool_prompts[g["rows"]]]
+        cond = objective._cond(g["rows"])
         stored = objective.pool[g["rows"], g["edge"]]
         assert torch.equal(objective.target(x, g, cond), stored)  # read from the pool
         live = {**g, "noised": torch.ones_like(g["noised"])}  # force the live teacher from the same states
@@ -174,7 +174,7 @@ def test_live_teacher_lands_on_the_stored_trajectory(tiny):
 
 
 def _stock(b: SDBackend) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.unet,
+    return StableDiffusionPipeline(vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=b.net,
                                    scheduler=DDIMScheduler.from_config(b.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 
@@ -221,17 +221,17 @@ def test_cli_writes_a_shortcut_that_loads_both_ways_and_resumes(tiny, tmp_path, 
         torch.testing.assert_close(full16[k].float(), full32[k], atol=1e-3, rtol=1e-3)
 
     ours = SDBackend.load(tiny["model"])
-    lora.load_lora(ours.unet, out, STUDENT)
-    lora.activate(ours.unet, [STUDENT])
+    lora.load_lora(ours.net, out, STUDENT)
+    lora.activate(ours.net, [STUDENT])
     pipe = _stock(SDBackend.load(tiny["model"]))
     pipe.load_lora_weights(str(out), adapter_name=STUDENT)
-    x, ctx = torch.randn(2, 4, 8, 8), ours.encode_prompts(["a red circle", "a blue square"])
+    x, ctx = torch.randn(2, 4, 8, 8), ours.encode_prompts(["a red circle", "a blue square"])["hidden"]
     t = torch.tensor(741)
     with torch.no_grad():
-        a = ours.unet(x, t, encoder_hidden_states=ctx).sample
+        a = ours.net(x, t, encoder_hidden_states=ctx).sample
         b = pipe.unet(x, t, encoder_hidden_states=ctx).sample
-        lora.activate(ours.unet, [])
-        base = ours.unet(x, t, encoder_hidden_states=ctx).sample
+        lora.activate(ours.net, [])
+        base = ours.net(x, t, encoder_hidden_states=ctx).sample
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     assert (a - base).abs().max() > 1e-4  # the trained LoRA does something
 

@@ -71,6 +71,15 @@ def batch_rows(cond: dict, rows) -> dict:
     return {k: v[rows] for k, v in cond.items()}
 
 
+def batch_repeat(cond: dict, n: int) -> dict:
+    """A one-row conditioning (the empty prompt's) as n rows (views, no copies)."""
+    return {k: v.expand(n, *v.shape[1:]) for k, v in cond.items()}
+
+
+def batch_to(cond: dict, device) -> dict:
+    return {k: v.to(device) for k, v in cond.items()}
+
+
 def guided_output(backend, step: Step, x: torch.Tensor, cond: dict, uncond: dict | None, both: dict | None,
                   checkpoint: bool = False) -> torch.Tensor:
     """The model output at step.t_from with the step's adapters; CFG runs both branches in one batched call

@@ -9,9 +9,18 @@ from shortft.config import TRAIN_PRESETS, TrainConfig, coerce, default_preset, t
 from shortft.errors import ConfigError
 
 STUDENT = "shortcut"  # the adapter being trained; ShortFT loads the output file under this name
-_ATTN_FF = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")  # = shortft.lora.ATTN_FF_TARGETS
-TARGETS = {"attn_ff": _ATTN_FF,  # the CFG-free student must also learn what guidance adds: "all" gives it more room
-           "all": _ATTN_FF + ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")}
+# targets="all" adds these UNet layers to the family's attention + feed-forward ones: the CFG-free student must
+# also learn what guidance adds, and they give it more room (UNet families only)
+UNET_EXTRA = ("proj_in", "proj_out", "conv1", "conv2", "conv_shortcut", "time_emb_proj")
+
+
+def lora_targets(cfg: DistillConfig, fmt) -> tuple[str, ...]:
+    """The layers the student LoRA goes on, for a family's LoraFormat `fmt`."""
+    if cfg.targets == "attn_ff":
+        return fmt.targets
+    if fmt.component != "unet":
+        raise ConfigError(f"targets={cfg.targets!r} adds UNet layers; this model is a {fmt.component}: use attn_ff")
+    return fmt.targets + UNET_EXTRA
 
 
 @dataclass
@@ -30,7 +39,7 @@ class DistillConfig:
     student_guidance: float = 1.0  # CFG of the student; 1 = conditional-only (ShortFT's shortcut_guidance default)
     prompts: str = ""  # prompt set or file; "" = world-train on the world model, simple-animals otherwise
     pool: int = 256  # teacher trajectories sampled up front (memory: pool x (num_steps+1) latents)
-    noised_fraction: float = 0.5  # share of rows that re-noise a clean teacher sample (the teacher then runs live to the edge)
+    noised_fraction: float = 0.0  # share of rows that re-noise a clean teacher sample (the teacher then runs live to the edge) (the shipped recipe: 0)
     anchor_fraction: float = 0.0  # share of steps whose rows start where jumps are taken (ShortFT's segment start or the previous edge, as k-step sampling does) instead of any grid point of the segment
     warmup: int = 50  # linear learning-rate warm-up steps
     seed: int = 0  # seeds the LoRA init, the pool's prompts and noises, and every draw

@@ -102,13 +102,13 @@ def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int =
     import torch
 
     from shortft import files, lora
-    from shortft.backends import SDBackend
+    from shortft.backends import load_backend
     from shortft.prompts import load_prompts
 
     defaults = model_defaults(model)
     guidance = guidance or defaults["guidance"]
-    backend = SDBackend.load(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    lora.load_lora(backend.unet, shortcut, STUDENT)
+    backend = load_backend(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    lora.load_lora(backend.net, shortcut, STUDENT, fmt=backend.lora_format)
     names = load_prompts(prompts or defaults["eval_prompts"])
     names = [names[i % len(names)] for i in range(count)]
     t0 = time.time()

@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from shortft.chain import batch_to
 from shortft.config import to_dict
-from shortft.distill.config import RESUMABLE, STUDENT, TARGETS, DistillConfig, model_defaults, validate
+from shortft.distill.config import RESUMABLE, STUDENT, DistillConfig, lora_targets, model_defaults, validate
 from shortft.distill.loss import SegmentLoss, segment_layout
 from shortft.distill.pool import build_pool, load_pool, pool_key, save_pool
 from shortft.errors import ConfigError
@@ -48,21 +49,23 @@ def adapter_tensors(unet) -> dict[str, torch.nn.Parameter]:
 
 # --- setup ------------------------------------------------------------------------------------------------
 def build_model(cfg: DistillConfig, prompts: list[str]):
-    """(backend, contexts (P, L, D) on the CPU, uncond (1, L, D), trainable LoRA parameters): the frozen
-    model with a fresh shortcut adapter, the only trainable part."""
+    """(backend, contexts (one row per prompt, on the CPU), uncond (one row), trainable LoRA parameters): the
+    frozen model with a fresh shortcut adapter, the only trainable part."""
     import torch
 
     from shortft import lora
-    from shortft.backends import SDBackend
+    from shortft.backends import load_backend
+    from shortft.chain import batch_cat, batch_to
     from shortft.train import DTYPES
 
     torch.manual_seed(cfg.seed)  # LoRA initialisation
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = SDBackend.load(cfg.model, device=device, dtype=DTYPES[cfg.dtype])
-    contexts = torch.cat([backend.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]).cpu()
+    backend = load_backend(cfg.model, device=device, dtype=DTYPES[cfg.dtype])
+    contexts = batch_to(batch_cat(*[backend.encode_prompts(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]),
+                        "cpu")
     uncond = backend.encode_prompts([""])
-    lora.add_lora(backend.unet, STUDENT, cfg.rank, targets=TARGETS[cfg.targets])
-    return backend, contexts, uncond, lora.set_trainable(backend.unet, [STUDENT])
+    lora.add_lora(backend.net, STUDENT, cfg.rank, targets=lora_targets(cfg, backend.lora_format))
+    return backend, contexts, uncond, lora.set_trainable(backend.net, [STUDENT])
 
 
 # --- checkpoints ------------------------------------------------------------------------------------------
@@ -138,11 +141,11 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)
     step, history = 0, []
     if checkpoint is not None:
-        step, history = restore(checkpoint, backend.unet, optimizer, rng, generator)
+        step, history = restore(checkpoint, backend.net, optimizer, rng, generator)
         print(f"distill: resuming {work / CHECKPOINT} at step {step}")
     t0 = time.time()
     if stored_pool is None:
-        stored_pool = build_pool(backend, ts, contexts.to(backend.device), uncond, cfg, guidance)
+        stored_pool = build_pool(backend, ts, batch_to(contexts, backend.device), uncond, cfg, guidance)
         save_pool(work / POOL, key, *stored_pool)
     pool, pool_prompts = stored_pool
     pool_seconds = time.time() - t0
@@ -169,14 +172,14 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
         recent = [h["loss"] for h in history[-50:]]
         bar.set_postfix(loss=f"{loss.item():.4g}", avg50=f"{sum(recent) / len(recent):.4g}")
         if (step + 1) % cfg.checkpoint_every == 0:
-            save_state(work, backend.unet, optimizer, step + 1, history, cfg, rng, generator)
+            save_state(work, backend.net, optimizer, step + 1, history, cfg, rng, generator)
             tick = time.time()  # checkpoint time is not training time
     bar.close()
     steps_done = history[-1]["step"] if history else 0
-    save_state(work, backend.unet, optimizer, steps_done, history, cfg, rng, generator)
+    save_state(work, backend.net, optimizer, steps_done, history, cfg, rng, generator)
     log = {"config": to_dict(cfg), "guidance": guidance, "steps_done": steps_done, "train_seconds": elapsed,
            "pool_seconds": pool_seconds, "edges": [ts[s["edge"]] for s in layout], "history": history}
-    return write_outputs(cfg, backend.unet, work, log, [f"{ts[s['start']]}->{ts[s['edge']]}" for s in layout])
+    return write_outputs(cfg, backend, work, log, [f"{ts[s['start']]}->{ts[s['edge']]}" for s in layout])
 
 
 # --- reporting --------------------------------------------------------------------------------------------
@@ -208,12 +211,12 @@ def plot_loss(history: list[dict], labels: list[str], path: Path) -> Path:
     return path
 
 
-def write_outputs(cfg: DistillConfig, unet, work: Path, log: dict, labels: list[str]) -> Path:
-    """The LoRA file (diffusers format, cfg.save_dtype), distill.json and loss.png; returns the file."""
+def write_outputs(cfg: DistillConfig, backend, work: Path, log: dict, labels: list[str]) -> Path:
+    """The LoRA file (the family's diffusers format, cfg.save_dtype), distill.json and loss.png; returns the file."""
     from shortft import files, lora
     from shortft.train import DTYPES
 
-    out = lora.save_lora(unet, STUDENT, cfg.out, dtype=DTYPES[cfg.save_dtype])
+    out = lora.save_lora(backend.net, STUDENT, cfg.out, dtype=DTYPES[cfg.save_dtype], fmt=backend.lora_format)
     files.write_json(work / "distill.json", log)
     if log["history"]:
         plot_loss(log["history"], labels, work / "loss.png")

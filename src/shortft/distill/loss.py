@@ -23,6 +23,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
+from shortft.chain import batch_repeat, batch_rows, batch_to
 from shortft.distill.config import STUDENT, DistillConfig
 from shortft.errors import ConfigError
 
@@ -51,15 +52,19 @@ def segment_layout(timesteps: list[int], k: int) -> list[dict]:
 class SegmentLoss:
     """Segmented trajectory distillation of a shortcut LoRA (see the module docstring)."""
 
-    def __init__(self, backend, timesteps: list[int], layout: list[dict], contexts: torch.Tensor,
-                 uncond: torch.Tensor, pool: torch.Tensor, pool_prompts: torch.Tensor, cfg: DistillConfig,
+    def __init__(self, backend, timesteps: list[int], layout: list[dict], contexts: dict,
+                 uncond: dict, pool: torch.Tensor, pool_prompts: torch.Tensor, cfg: DistillConfig,
                  guidance: float):
         self.b, self.ts, self.layout, self.cfg, self.guidance = backend, timesteps, layout, cfg, guidance
         self.contexts, self.uncond, self.pool, self.pool_prompts = contexts, uncond, pool, pool_prompts
         self.naive_mse = self.naive_errors()  # per segment: the loss is measured relative to these
 
-    def _uncond(self, x: torch.Tensor) -> torch.Tensor:
-        return self.uncond.expand(len(x), -1, -1)
+    def _uncond(self, x: torch.Tensor) -> dict:
+        return batch_repeat(self.uncond, len(x))
+
+    def _cond(self, rows: torch.Tensor) -> dict:
+        """The conditioning of the pool rows `rows` (each row's prompt), on the model's device."""
+        return batch_to(batch_rows(self.contexts, self.pool_prompts[rows]), self.b.device)
 
     def naive_errors(self, rows: int = 64) -> list[float]:
         """Per segment, the MSE of the base model's naive one-step CFG jump from the segment's start to its
@@ -70,7 +75,7 @@ class SegmentLoss:
         from shortft.chain import Step, run_plan
 
         traj = self.pool[:rows].to(self.b.device)
-        cond = self.contexts[self.pool_prompts[:rows]].to(self.b.device)
+        cond = self._cond(torch.arange(len(traj)))
         out = []
         with torch.no_grad():
             for seg in self.layout:
@@ -101,11 +106,11 @@ class SegmentLoss:
         import torch
 
         on_traj = self.pool[g["rows"], g["n"]]  # (B, C, h, w)
-        a = self.b.alpha(self.ts[g["n"]])
-        renoised = a**0.5 * self.pool[g["rows"], -1] + (1 - a) ** 0.5 * g["noise"]
+        a, b = self.b.coefficients(self.ts[g["n"]])
+        renoised = a * self.pool[g["rows"], -1] + b * g["noise"]  # x_t = a x0 + b ε
         return torch.where(g["noised"][:, None, None, None], renoised, on_traj).to(self.b.device)
 
-    def target(self, x: torch.Tensor, g: dict, cond: torch.Tensor) -> torch.Tensor:
+    def target(self, x: torch.Tensor, g: dict, cond: dict) -> torch.Tensor:
         """The CFG teacher's state at the edge from x (no graph: every step has grad="none"). On-trajectory
         rows read it from the pool; re-noised rows run the teacher's grid steps n -> edge live."""
         from shortft.chain import Step, run_plan
@@ -114,7 +119,7 @@ class SegmentLoss:
         y = self.pool[g["rows"], e].to(self.b.device)  # (B, C, h, w); indexing copies, so the pool is untouched
         if live.any():
             y[live] = run_plan(self.b, [Step(ts[i], ts[i + 1], (), "none", self.guidance) for i in range(n, e)],
-                               x[live], cond[live], self.uncond.expand(int(live.sum()), -1, -1))
+                               x[live], batch_rows(cond, live), batch_repeat(self.uncond, int(live.sum())))
         return y
 
     def loss(self, groups: list[dict]) -> tuple[torch.Tensor, list[float]]:
@@ -127,7 +132,7 @@ class SegmentLoss:
         losses = []
         for g in groups:
             x = self.x_t(g)
-            cond = self.contexts[self.pool_prompts[g["rows"]]].to(self.b.device)
+            cond = self._cond(g["rows"])
             target = self.target(x, g, cond)
             step = Step(self.ts[g["n"]], self.ts[g["edge"]], (STUDENT,), "full", self.cfg.student_guidance)
             pred = run_plan(self.b, [step], x, cond, self._uncond(x))

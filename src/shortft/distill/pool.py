@@ -27,10 +27,10 @@ class BadPoolFile(UserError):
     """A pool file in the work dir that is not a safetensors pool."""
 
 
-def teacher_trajectories(backend, timesteps: list[int], cond: torch.Tensor, uncond: torch.Tensor,
-                         noise: torch.Tensor, guidance: float) -> torch.Tensor:
-    """(N, C, h, w) noises -> (N, S+1, C, h, w): the CFG DDIM chain's latent at every grid timestep
-    (index i is the input of step i, index S is the final sample)."""
+def teacher_trajectories(backend, timesteps: list, cond: dict, uncond: dict, noise: torch.Tensor,
+                         guidance: float) -> torch.Tensor:
+    """(N, C, h, w) noises -> (N, S+1, C, h, w): the CFG chain's latent at every grid time (index i is the
+    input of step i, index S is the final sample)."""
     import torch
 
     from shortft.chain import END, Step, run_plan
@@ -43,21 +43,23 @@ def teacher_trajectories(backend, timesteps: list[int], cond: torch.Tensor, unco
     return torch.stack(out, dim=1)
 
 
-def build_pool(backend, timesteps: list[int], contexts: torch.Tensor, uncond: torch.Tensor, cfg: DistillConfig,
+def build_pool(backend, timesteps: list, contexts: dict, uncond: dict, cfg: DistillConfig,
                guidance: float, batch: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample `cfg.pool` teacher trajectories from seeded noise: (trajectories, prompt index per row)."""
     import torch
     from tqdm.auto import tqdm
 
+    from shortft.chain import batch_repeat, batch_rows
     from shortft.sample import seeded_noise
 
     rng = random.Random(f"pool-{cfg.seed}")
-    which = torch.tensor([rng.randrange(len(contexts)) for _ in range(cfg.pool)])
+    n_prompts = len(next(iter(contexts.values())))
+    which = torch.tensor([rng.randrange(n_prompts) for _ in range(cfg.pool)])
     trajs = []
     for i in tqdm(range(0, cfg.pool, batch), desc="teacher trajectories", dynamic_ncols=True):
         idx = which[i:i + batch]
         noise = seeded_noise(backend.latent_shape(len(idx)), [cfg.seed * 100_000 + i + r for r in range(len(idx))])
-        trajs.append(teacher_trajectories(backend, timesteps, contexts[idx], uncond.expand(len(idx), -1, -1),
+        trajs.append(teacher_trajectories(backend, timesteps, batch_rows(contexts, idx), batch_repeat(uncond, len(idx)),
                                           noise.to(backend.device), guidance).cpu())
     return torch.cat(trajs), which
 

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import torch
 
+from shortft.errors import MissingFileError
+from shortft.factory.clip import image_features, text_features
+from shortft.factory.tokenizer import tokenize
 from shortft.world import WORLD_CLIP, WORLD_MODEL
 from shortft.world.evaluator import prompt_fidelity
 from shortft.world.scenes import (
     ALTERNATIVES,
     ATTRIBUTES,
-    MAX_TOKENS,
     TEMPLATES,
     Scene,
     caption,
@@ -34,11 +36,21 @@ def real_fidelity(n: int, seed: int = 0) -> dict[str, dict[str, float]]:
     return out
 
 
+def _folder(path: Path | str | None, default: Path, what: str) -> str:
+    """`path` (or `default`) as a string; a MissingFileError when it is not a folder."""
+    folder = Path(path or default)
+    if not folder.is_dir():
+        raise MissingFileError(f"{what} folder {folder} does not exist")
+    return str(folder)
+
+
 def load_pipeline(model: Path | str | None = None):
+    """The stock StableDiffusionPipeline of `model` (default: the shipped world model) in fp32, with DDIM."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline.from_pretrained(
-        str(model or WORLD_MODEL), safety_checker=None, requires_safety_checker=False, torch_dtype=torch.float32
+        _folder(model, WORLD_MODEL, "model"), safety_checker=None, requires_safety_checker=False,
+        torch_dtype=torch.float32,
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -60,6 +72,7 @@ def generate(pipe, prompts: list[str], steps: int = 50, cfg_scale: float = 5.0, 
 
 
 def model_fidelity(model=None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0) -> dict:
+    """Evaluator fidelity of one sample per held-out and per train prompt, and the time of 8 samples."""
     pipe = load_pipeline(model)
     out = {}
     for split in ("heldout", "train"):
@@ -71,6 +84,17 @@ def model_fidelity(model=None, steps: int = 50, cfg_scale: float = 5.0, seed: in
     return out
 
 
+def wrong_captions(scene: Scene, template: int) -> tuple[list[str], list[str]]:
+    """Every one-attribute-wrong caption of `scene` in `template` and the attribute each one changes."""
+    texts, attrs = [], []
+    for a in ATTRIBUTES:
+        for v in ALTERNATIVES[a]:
+            if v != getattr(scene, a):
+                texts.append(caption(Scene(**{**scene.attributes(), a: v}), template))
+                attrs.append(a)
+    return texts, attrs
+
+
 @torch.no_grad()
 def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, split: str = "heldout") -> dict[str, float]:
     """On n rendered images of `split`: how often the CLIP score (exp(logit_scale) * cosine) of the
@@ -78,34 +102,24 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, sp
     and per changed attribute; plus top-1 among [true + all of them]."""
     from transformers import CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
-    path = str(clip or WORLD_CLIP)
+    path = _folder(clip, WORLD_CLIP, "CLIP")
     model = CLIPModel.from_pretrained(path, torch_dtype=torch.float32).eval()
     tok = CLIPTokenizer.from_pretrained(path)
     proc = CLIPImageProcessor.from_pretrained(path)
     mean = torch.tensor(proc.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(proc.image_std).view(1, 3, 1, 1)
     scenes = sample_scenes(n, split, seed=seed + 777)
-    img = model.get_image_features(pixel_values=(render(scenes) - mean) / std)
-    img = torch.nn.functional.normalize(getattr(img, "pooler_output", img), dim=-1)
+    img = image_features(model, (render(scenes) - mean) / std)  # (n, P)
     wins = {a: [] for a in ATTRIBUTES}
     top1 = []
     rng = random.Random(seed)
-    for i, s in enumerate(scenes):
+    for i, scene in enumerate(scenes):
         k = rng.randrange(len(TEMPLATES))
-        texts, attrs = [caption(s, k)], [None]
-        for a in ATTRIBUTES:
-            for v in ALTERNATIVES[a]:
-                if v != getattr(s, a):
-                    d = s.attributes()
-                    d[a] = v
-                    texts.append(caption(Scene(**d), k))
-                    attrs.append(a)
-        ids = tok(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt").input_ids
-        txt = model.get_text_features(input_ids=ids)
-        txt = torch.nn.functional.normalize(getattr(txt, "pooler_output", txt), dim=-1)
+        wrong, attrs = wrong_captions(scene, k)
+        txt = text_features(model, tokenize(tok, [caption(scene, k), *wrong]))
         score = model.logit_scale.exp() * txt @ img[i]  # (1 + alternatives,)
-        for j in range(1, len(texts)):
-            wins[attrs[j]].append(float(score[0] > score[j]))
+        for a, s in zip(attrs, score[1:]):
+            wins[a].append(float(score[0] > s))
         top1.append(float(score.argmax() == 0))
     out = {a: sum(v) / len(v) for a, v in wins.items()}
     out["pairwise"] = sum(sum(v) for v in wins.values()) / sum(len(v) for v in wins.values())
@@ -115,6 +129,7 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, sp
 
 def evaluate(model=None, clip=None, n_real: int = 1000, cfg_scale: float = 5.0, steps: int = 50, seed: int = 0,
              skip: set[str] = frozenset()) -> dict:
+    """Every measurement not in `skip` ("real", "model", "clip"), with the settings used."""
     res: dict = {"settings": dict(n_real=n_real, cfg_scale=cfg_scale, steps=steps, seed=seed,
                                   model=str(model or WORLD_MODEL), clip=str(clip or WORLD_CLIP))}
     if "real" not in skip:
@@ -128,6 +143,7 @@ def evaluate(model=None, clip=None, n_real: int = 1000, cfg_scale: float = 5.0, 
 
 
 def format_table(res: dict) -> str:
+    """`evaluate`'s results as a markdown table of fidelities and lines for the timing and CLIP ranking."""
     cols = list(ATTRIBUTES) + ["mean"]
     lines = ["| images | split | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
     for kind in ("real", "model"):

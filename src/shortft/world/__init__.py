@@ -1,7 +1,7 @@
 """The embedded world: a procedurally generated captioned image world and the small
 Stable-Diffusion-format model, CLIP preference model and shortcut trained on it by this project.
 
-Everything under `assets/` is produced by `shortft world pretrain` (see README) and loaded through
+Everything under `assets/` is produced by `shortft world pretrain` (docs/world.md) and loaded through
 the same code that loads Stable Diffusion 1.5.
 """
 
