@@ -28,6 +28,7 @@ from shortft.distill import (
     fidelity,
     segment_layout,
 )
+from shortft.distill.config import model_defaults
 from shortft.distill.loop import learning_rate
 from shortft.distill.loss import SegmentLoss
 from shortft.distill.pool import build_pool
@@ -79,7 +80,8 @@ def test_world_preset_is_the_shipped_recipe():
     assert (cfg.steps, cfg.time_budget, cfg.pool, cfg.decay) == (10000, 3000.0, 1024, "cosine")
     assert (cfg.noised_fraction, cfg.anchor_fraction, cfg.save_dtype) == (0.0, 0.5, "fp16")
     assert (cfg.segments, cfg.num_steps, cfg.rank, cfg.targets, cfg.batch_size, cfg.lr, cfg.warmup, cfg.seed) == (
-        4, 50, 8, "attn_ff", 8, 1e-3, 50, 0)
+        4, 0, 8, "attn_ff", 8, 1e-3, 50, 0)
+    assert model_defaults("world")["num_steps"] == 50  # num_steps 0: the grid of the model's ShortFT chain
     tiny = build(DistillConfig, DISTILL_PRESETS, "world", overrides=dict(
         num_steps=10, segments=2, batch_size=2, rank=4, pool=4, steps=3, time_budget=0))
     assert (tiny.decay, tiny.anchor_fraction, tiny.steps, tiny.time_budget) == ("cosine", 0.5, 3, 0.0)

@@ -42,11 +42,17 @@ class Run:
 
 
 # --- setup helpers ------------------------------------------------------------------------------------------
+HALF = {"sd": "fp16", "sdxl": "fp16", "sd3": "bf16"}  # each family's usual half precision on a GPU
+
+
 def precision(cfg: TrainConfig) -> tuple[torch.dtype, str]:
-    """(dtype of the frozen weights, accelerate's mixed_precision); "auto" is fp16 on a GPU, fp32 / no on a CPU."""
-    gpu = torch.cuda.is_available() and not cfg.cpu
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("fp16" if gpu else "fp32")
-    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else ("fp16" if gpu else "no")
+    """(dtype of the frozen weights, accelerate's mixed_precision). "auto": on a GPU the family's half precision
+    (fp16 for the UNet families, bf16 for SD 3), on a CPU fp32 and no autocast. LoRAs always train in fp32."""
+    from shortft.backends import model_family, resolve_model
+
+    half = HALF[model_family(resolve_model(cfg.model))] if torch.cuda.is_available() and not cfg.cpu else None
+    dtype = cfg.dtype if cfg.dtype != "auto" else (half or "fp32")
+    mixed = cfg.mixed_precision if cfg.mixed_precision != "auto" else (half or "no")
     return DTYPES[dtype], mixed
 
 

@@ -28,7 +28,7 @@ class DistillConfig:
     model: str = "world"  # hub id, local diffusers folder, or "world" (the embedded model)
     out: str = ""  # output LoRA file (.safetensors, diffusers format)
     segments: int = 4  # k: shortcut segments (ShortFT: 4)
-    num_steps: int = 50  # DDIM grid of the teacher and of ShortFT's chain; edges snap to it
+    num_steps: int = 0  # sampling grid of the teacher and of ShortFT's chain (edges snap to it); 0 = the model's (SD 1.5 50, SD 3 28)
     steps: int = 2000  # optimiser steps
     batch_size: int = 8  # rows per segment per step (every step trains all k segments)
     lr: float = 1e-3  # AdamW peak learning rate (reached after --warmup steps)
@@ -65,7 +65,7 @@ DISTILL_PRESETS: dict[str, dict] = {
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}
 
 # (lowest, highest) allowed value of each numeric field; None = no bound.
-RANGES = {"segments": (1, None), "num_steps": (1, None), "steps": (0, None), "batch_size": (1, None),
+RANGES = {"segments": (1, None), "num_steps": (0, None), "steps": (0, None), "batch_size": (1, None),
           "lr": (0, None), "rank": (1, None), "guidance": (0, None), "student_guidance": (0, None),
           "pool": (1, None), "noised_fraction": (0, 1), "anchor_fraction": (0, 1), "warmup": (0, None),
           "time_budget": (0, None), "checkpoint_every": (1, None), "threads": (0, None)}
@@ -86,6 +86,6 @@ def validate(cfg: DistillConfig, training: bool = True) -> None:
 
 
 def model_defaults(model: str) -> dict:
-    """ShortFT's own defaults for this model: the CFG scale of its chain and its prompt sets."""
+    """ShortFT's own defaults for this model: its chain's steps and CFG scale, and its prompt sets."""
     preset = {**to_dict(TrainConfig()), **TRAIN_PRESETS[default_preset(model)]}
-    return {"guidance": preset["guidance"], "prompts": preset["prompts"], "eval_prompts": preset["eval_prompts"]}
+    return {k: preset[k] for k in ("num_steps", "guidance", "prompts", "eval_prompts")}

@@ -95,7 +95,7 @@ def fidelity(backend, jump, prompts: list[str], seeds: list[int], num_steps: int
 
 
 def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int = 32, segments: int = 4,
-                      num_steps: int = 50, guidance: float = 0.0, device: str = "", json_out: str = "",
+                      num_steps: int = 0, guidance: float = 0.0, device: str = "", json_out: str = "",
                       grid_out: str = "", student_guidance: float = 1.0) -> dict:
     """Load `model` and the shortcut file, run `fidelity` on held-out prompts and fresh noises, print a
     table, and write JSON (and a grid: teacher 50-step / shortcut k-step / naive k-step rows)."""
@@ -106,7 +106,7 @@ def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int =
     from shortft.prompts import load_prompts
 
     defaults = model_defaults(model)
-    guidance = guidance or defaults["guidance"]
+    guidance, num_steps = guidance or defaults["guidance"], num_steps or defaults["num_steps"]
     backend = load_backend(model, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lora.load_lora(backend.net, shortcut, STUDENT, fmt=backend.lora_format)
     names = load_prompts(prompts or defaults["eval_prompts"])

@@ -124,18 +124,18 @@ def distill(cfg: DistillConfig, fresh: bool = False) -> Path:
 
     validate(cfg)
     defaults = model_defaults(cfg.model)
-    guidance = cfg.guidance or defaults["guidance"]
+    guidance, num_steps = cfg.guidance or defaults["guidance"], cfg.num_steps or defaults["num_steps"]
     prompts = load_prompts(cfg.prompts or defaults["prompts"])
     work = Path(cfg.work_dir or f"runs/distill-{Path(cfg.out).stem}")
     # what the work dir holds is read (and refused, if it must be) before the model loads
     checkpoint = None if fresh else read_checkpoint(work / CHECKPOINT, cfg)
-    key = pool_key(cfg, prompts, guidance)
+    key = pool_key(cfg, prompts, guidance, num_steps)
     stored_pool = load_pool(work / POOL, key)
     work.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     backend, contexts, uncond, params = build_model(cfg, prompts)
-    ts = backend.timesteps(cfg.num_steps)
+    ts = backend.timesteps(num_steps)
     layout = segment_layout(ts, cfg.segments)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     rng, generator = random.Random(cfg.seed), torch.Generator().manual_seed(cfg.seed)

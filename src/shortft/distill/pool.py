@@ -64,9 +64,9 @@ def build_pool(backend, timesteps: list, contexts: dict, uncond: dict, cfg: Dist
     return torch.cat(trajs), which
 
 
-def pool_key(cfg: DistillConfig, prompts: list[str], guidance: float) -> dict:
+def pool_key(cfg: DistillConfig, prompts: list[str], guidance: float, num_steps: int) -> dict:
     """What the pool depends on: a rerun with another lr, rank, ... reuses it."""
-    return {"model": cfg.model, "prompts": prompts, "pool": cfg.pool, "num_steps": cfg.num_steps,
+    return {"model": cfg.model, "prompts": prompts, "pool": cfg.pool, "num_steps": num_steps,
             "guidance": guidance, "seed": cfg.seed}
 
 
