@@ -10,8 +10,10 @@ import torch
 
 
 def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "epsilon",
-                    channels: tuple[int, int] = (16, 32), text_dim: int = 32, sample_size: int = 8) -> Path:
-    """Write a tiny SD-format model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and return it."""
+                    channels: tuple[int, ...] = (16, 32), text_dim: int = 32, sample_size: int = 8,
+                    layers_per_block: int = 1, attention_head_dim: int = 4, norm_num_groups: int = 8) -> Path:
+    """Write a tiny SD-format model folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and return it.
+    The UNet has one block per entry of `channels`, cross-attention in all but the lowest resolution (as SD)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -20,9 +22,10 @@ def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "eps
     path = Path(path)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=text_dim, attention_head_dim=4, norm_num_groups=8)
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
+        block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1),
+        cross_attention_dim=text_dim, attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
     vae = AutoencoderKL(in_channels=3, out_channels=3, block_out_channels=(8, 16), latent_channels=4,
                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
                         norm_num_groups=8, sample_size=sample_size * 2)
