@@ -263,8 +263,8 @@ def test_overhead_rounds_interleave_and_summarise(tmp_path):
     results = overhead_bench.run_overhead({"reward": "symmetry"}, rows, "world", ATTENTION, 2, 3, 1, tmp_path,
                                           runner=runner)
     assert [c[0] for c in calls] == [
-        "overhead-shortft_stage_2-engine-r0", "overhead-shortft_stage_2-hand-r0", "overhead-full_checkpointed-engine-r0",
-        "overhead-full_checkpointed-hand-r0", "overhead-shortft_stage_2-hand-r1", "overhead-shortft_stage_2-engine-r1",
+        "overhead-shortft_stage_2-engine-r0", "overhead-shortft_stage_2-hand-r0",
+        "overhead-full_checkpointed-engine-r0", "overhead-full_checkpointed-hand-r0", "overhead-shortft_stage_2-hand-r1", "overhead-shortft_stage_2-engine-r1",
         "overhead-full_checkpointed-hand-r1", "overhead-full_checkpointed-engine-r1"]
     assert calls[0][1:] == ("shortft", 0.3, ATTENTION)
     table = overhead_bench.summarise_overhead(results)

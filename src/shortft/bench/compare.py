@@ -123,7 +123,8 @@ def worker_group(spec: dict) -> list[dict]:
     torch.manual_seed(0)
     common, preset, world = spec["common"], spec["preset"], spec["common"]["model"] == "world"
     rewards, _ = build_rewards(spec["rewards"])
-    metrics = {**{f"reward:{n}": fn for n, fn in rewards.items()}, **{n: IMAGE_METRICS[n] for n in HELD_OUT_IMAGE_METRICS}}
+    metrics = {**{f"reward:{n}": fn for n, fn in rewards.items()},
+               **{n: IMAGE_METRICS[n] for n in HELD_OUT_IMAGE_METRICS}}
     prompts = load_prompts(common["eval_prompts"])[: spec["eval_n"]]
     seeds = list(range(1000, 1000 + len(prompts)))  # fixed evaluation noise, distinct from training draws
     warm(common, preset)
@@ -179,7 +180,8 @@ def plan_runs(variants: list[str], rewards: list[str], seeds: int, budgets: list
                                  "budget": budget, "run_dir": str(Path(root) / "runs" / key)})
         groups.append(runs)
     bases = BASES if "shortcut-ft" in variants else BASES[:1]
-    groups[0] = [{"key": b, "variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0} for b in bases] + groups[0]
+    groups[0] = [{"key": b, "variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0}
+                 for b in bases] + groups[0]
     return groups
 
 
@@ -271,6 +273,7 @@ def settings(args) -> dict:
 
 
 def run(args) -> int:
+    """Plan the comparison, run (or continue) it, write results.json, the figures and the report."""
     from shortft.config import TrainConfig, build_config, parse_overrides
 
     t_start = time.time()

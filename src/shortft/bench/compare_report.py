@@ -113,8 +113,9 @@ def table(results: list[dict], variants: list[str], reward: str, kind: str, budg
         x = summarise(results, v, reward, kind, budget)
         if x.get("n"):
             cells = metric_cells(lambda k, nd, x=x: pm(x[k], nd), reward, rewards, world)
-            lines.append("| " + " | ".join([v, *cells, f"{x['steps'][0]:.1f}", f"{x['s_it']:.2f}", f"{x['calls'][0]:.0f}",
-                                            f"{x['graph']:.1f}", f"{x['train_s'][0]:.1f}", str(x["n"])]) + " |")
+            cells += [f"{x['steps'][0]:.1f}", f"{x['s_it']:.2f}", f"{x['calls'][0]:.0f}", f"{x['graph']:.1f}",
+                      f"{x['train_s'][0]:.1f}", str(x["n"])]
+            lines.append("| " + " | ".join([v, *cells]) + " |")
     return lines
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shortft import files
 from shortft.bench import chain_scaled, command_line, median, prepare_model, run_worker, set_threads, slug, sync
-from shortft.bench.engine import build_context, memory_mark, memory_peak, setup_method, train_iteration
+from shortft.bench.engine import build_context, memory_mark, memory_peak, setup_method, targets_of, train_iteration
 from shortft.bench.hand import raw_chain
 from shortft.errors import ConfigError
 
@@ -42,11 +42,6 @@ ROWS = [
     ("shortcut-ft", "shortcut-ft", {}, 0.0),
 ]
 PARTS = ("rows", "ratio", "gradlen", "overhead")
-
-
-def targets_of(spec: dict) -> tuple[str, ...] | None:
-    """The LoRA layers a worker spec names (None: the engine's)."""
-    return tuple(spec["targets"]) if spec.get("targets") else None
 
 
 def time_chain(ctx: dict, steps, raw: bool, it: int = 0) -> float:
@@ -221,8 +216,8 @@ def run(args) -> int:
         print("bench efficiency: gradient norm vs chain length ...", flush=True)
         results["lengths"] = [int(n) for n in args.lengths.split(",") if n.strip()]
         results["grads"] = run_worker("efficiency_gradlen", {
-            "tag": "gradlen", "overrides": base, "lengths": results["lengths"], "methods": ["full", "shortft", "draft-lv"],
-            "rollouts": args.grad_rollouts, **common}, workdir)
+            "tag": "gradlen", "overrides": base, "lengths": results["lengths"],
+            "methods": ["full", "shortft", "draft-lv"], "rollouts": args.grad_rollouts, **common}, workdir)
     if "overhead" in parts:
         results["overhead"] = run_overhead(base, rows, spec.preset, spec.lora_targets, args.rounds, args.iters,
                                            args.threads, workdir)

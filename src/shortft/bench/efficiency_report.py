@@ -42,8 +42,8 @@ def setup_text(spec: ModelSpec, args) -> str:
 def targets_section(rows: dict, ratio: dict) -> list[str]:
     m = ratio["median"]
     overs = [r["engine_s"] / r["raw_s"] - 1 for r in rows.values() if r["raw_s"] > 0]
-    return [f"- ShortFT's raw stage-1 chain ({ratio['short_calls']} calls) costs **{m['short_raw'] / m['full_raw']:.2f}x** "
-            f"the raw checkpointed full chain ({ratio['full_calls']} calls; target: about 0.25); through the engine "
+    return [f"- ShortFT's raw stage-1 chain ({ratio['short_calls']} calls) costs "
+            f"**{m['short_raw'] / m['full_raw']:.2f}x** the raw checkpointed full chain ({ratio['full_calls']} calls; target: about 0.25); through the engine "
             f"**{m['short_engine'] / m['full_engine']:.2f}x**.",
             f"- Framework overhead of the chain (engine vs the same UNet calls by hand): "
             f"**{pct(m['short_engine'] / m['short_raw'] - 1)}** on ShortFT's chain and "

@@ -21,6 +21,11 @@ def setup_method(backend, method, targets: tuple[str, ...] | None = None) -> Non
     method.setup(backend)
 
 
+def targets_of(spec: dict) -> tuple[str, ...] | None:
+    """The LoRA layers a worker spec names (None: the engine's)."""
+    return tuple(spec["targets"]) if spec.get("targets") else None
+
+
 def build_model(cfg, device, targets: tuple[str, ...] | None = None):
     """`train.build_model`, with the trained LoRAs on `targets` (see `setup_method`)."""
     from shortft.backends import SDBackend

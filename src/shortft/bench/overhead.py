@@ -15,7 +15,7 @@ from __future__ import annotations
 import gc
 
 from shortft.bench import median, run_worker, set_threads, slug
-from shortft.bench.engine import build_context, memory_mark, memory_peak, train_iteration
+from shortft.bench.engine import build_context, memory_mark, memory_peak, targets_of, train_iteration
 from shortft.bench.hand import hand_iteration
 
 FP32 = {"dtype": "fp32", "mixed_precision": "no"}  # both sides: fp32 weights and maths
@@ -27,8 +27,7 @@ def worker_side(spec: dict) -> dict:
 
     set_threads(spec["threads"])
     engine = spec["side"] == "engine"
-    targets = tuple(spec["targets"]) if spec["targets"] else None
-    ctx = build_context({**spec["overrides"], **FP32}, spec["preset"], targets, prepare=engine)
+    ctx = build_context({**spec["overrides"], **FP32}, spec["preset"], targets_of(spec), prepare=engine)
     if not engine:
         lora.set_trainable(ctx["backend"].unet, ctx["method"].trainable(spec["progress"]))
     iteration = train_iteration if engine else hand_iteration
