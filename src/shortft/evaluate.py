@@ -197,8 +197,8 @@ def score_images(images: torch.Tensor | list[torch.Tensor], prompts: list[str],
             continue
         per_image[name] = _per_image(metric, images, prompts, batches)
         del metric  # before the next one is built
-    out = {"n": len(images), "per_image": per_image, "skipped": skipped,
-           "summary": {n: _stats(v) for n, v in per_image.items()}}
+    out = {"n": len(images), "per_image": per_image, "summary": {n: _stats(v) for n, v in per_image.items()},
+           "skipped": skipped}
     if groups is not None:
         out["by_group"] = {g: {n: _stats([v[i] for i in range(len(images)) if groups[i] == g])["mean"]
                                for n, v in per_image.items()} for g in dict.fromkeys(groups)}
