@@ -1,16 +1,23 @@
 """`shortft bench` on the tiny model with tiny budgets: every method trains a step or two, every table column
-and figure is produced, the equal-budget accounting is right, and the overhead baseline computes the same
-chain as the engine. The workers are called in-process here (the CLI runs each in a fresh subprocess)."""
+and figure is produced, the equal-budget accounting is right, an interrupted comparison continues to the same
+table, and the hand-written baseline computes the same iteration as the engine. The workers are called
+in-process here (the CLI runs each in a fresh subprocess)."""
 
 from __future__ import annotations
 
 import argparse
-import random
+import json
 
 import pytest
 import torch
 
-from shortft.bench import ModelSpec, chain_scaled, compare, efficiency
+from shortft import lora
+from shortft.bench import ModelSpec, chain_scaled, compare, compare_report, efficiency, efficiency_report
+from shortft.bench import overhead as overhead_bench
+from shortft.bench.engine import build_context, train_iteration
+from shortft.bench.hand import hand_iteration
+from shortft.bench.plots import plots
+from shortft.errors import ConfigError
 
 NUM_STEPS = 6  # a short chain: every method still has all its parts (ShortFT: 4 segments)
 
@@ -33,16 +40,13 @@ def common(tiny):
 
 @pytest.fixture(scope="module")
 def compare_results(common, tmp_path_factory):
-    """Every variant at an equal UNet-call budget, one at a tiny time budget, and the base row."""
+    """Every variant at an equal UNet-call budget, shortft at a tiny time budget, and the base rows."""
     root = tmp_path_factory.mktemp("bench")
     budget = NUM_STEPS + 1  # one or two iterations of every method
-    runs = [{"variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0} for b in ("base", "base-shortcut")]
-    runs += [{"variant": v, "reward": "symmetry", "seed": 0, "kind": "calls", "budget": budget,
-              "run_dir": str(root / f"{v}-calls")} for v in compare.VARIANTS]
-    runs += [{"variant": "shortft", "reward": "symmetry", "seed": 0, "kind": "time", "budget": 0.01,
-              "run_dir": str(root / "shortft-time")}]
-    results = compare.worker_group({"common": common, "runs": runs, "rewards": ["symmetry"], "eval_n": 1,
-                                    "threads": 1, "preset": "world"})
+    (planned,) = compare.plan_runs(list(compare.VARIANTS), ["symmetry"], 1, ["calls", "time"], 0.01, budget, [], root)
+    runs = [r for r in planned if r["kind"] != "time" or r["variant"] == "shortft"]
+    results = compare.worker_group({"root": str(root), "common": common, "runs": runs, "rewards": ["symmetry"],
+                                    "eval_n": 1, "threads": 1, "preset": "world"})
     return results, budget, root
 
 
@@ -68,12 +72,13 @@ def test_time_budget_stops_after_the_step_that_crosses_it(compare_results):
 
 
 def test_held_out_metrics_of_every_run(compare_results):
-    results, _, _ = compare_results
+    results, _, root = compare_results
     for r in results:
         m = r["metrics"]
         assert set(m) == {"reward:symmetry", "asymmetry", "jpeg_kb"}
         assert m["reward:symmetry"] == pytest.approx(-m["asymmetry"])
         assert m["jpeg_kb"] > 0
+        assert json.loads(compare.result_file(root, r).read_text()) == r  # written as soon as it finished
     base, base_sc = ([r["metrics"] for r in results if r["variant"] == b] for b in ("base", "base-shortcut"))
     assert base[0]["asymmetry"] != base_sc[0]["asymmetry"]  # the shortcut row samples another chain
 
@@ -82,23 +87,75 @@ def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
     results, budget, root = compare_results
     s = dict(compare.PRESETS["quick"], variants=list(compare.VARIANTS), seeds=1, time_budget=0.01,
              call_budget=budget, budgets=["calls", "time"], rewards=["symmetry"], eval_n=1)
-    figs = compare.plots(results, ["symmetry"], s, tmp_path / "figures")
+    figs = plots(results, ["symmetry"], s, tmp_path / "figures")
     assert len(figs) == 2 and all(p.is_file() and p.stat().st_size > 1000 for p in figs.values())
     spec = ModelSpec(tiny["model"], tiny["shortcut"], tiny["prompts"], tiny["prompts"], "tiny")
     args = argparse.Namespace(threads=1, workdir=str(root))
-    text = compare.report(results, ["symmetry"], {"world_clip": "not registered"}, s, spec, {}, args,
-                          "shortft bench compare --test", figs, tmp_path, 1.0)
+    text = compare_report.report(results, ["symmetry"], {"world_clip": "not registered"}, s, spec, {}, args,
+                                 "shortft bench compare --test", figs, tmp_path)
     for column in ("held-out symmetry ↑", "asymmetry ↓", "JPEG kB", "steps", "s/it", "UNet calls",
                    "graph calls/it", "train s", "seeds"):
         assert column in text
     for heading in ("Table 1 shape", "Table 3 shape", "Table 2 shape", "## Figures", "## What comes out"):
         assert heading in text
     assert "`world_clip` (not registered)" in text  # missing rewards are named
-    assert "base (no fine-tuning)" in text
+    base = next(r for r in results if r["variant"] == "base")["metrics"]
+    assert f"| base (no fine-tuning) | {base['reward:symmetry']:.3f} | {base['asymmetry']:.3f} |" in text
     assert "| shortcut model, its few-step chain |" in text and "| base, 50-step chain |" in text
     for v in compare.VARIANTS:
         assert f"| {v} |" in text
     assert "shortft vs draft-lv: higher is" in text
+    minutes = sum(r["wall_s"] for r in results) / 60
+    assert f"the runs took {minutes:.1f} minutes" in text
+
+
+def table_without_timings(results: list[dict], variants: list[str], budget: int) -> list[list[str]]:
+    """The Table 1 cells of `variants` at a call budget, without the columns that time the runs."""
+    base = next(r for r in results if r["variant"] == "base")
+    lines = compare_report.table(results, variants, "symmetry", "calls", budget, ["symmetry"], False, [("base", base)])
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    keep = [i for i, c in enumerate(rows[0]) if c not in ("s/it", "train s")]
+    return [[row[i] for i in keep] for row in rows]
+
+
+def test_interrupted_comparison_continues_to_the_same_table(compare_results, common, tmp_path, monkeypatch):
+    """Killed after two runs, the same command continues with the third only, and gives the table of an
+    uninterrupted comparison (the fixture's runs, made in one process in another order)."""
+    reference, budget, _ = compare_results
+    root, variants = tmp_path / "cmp", ["shortft", "draft-k"]
+    s = dict(compare.PRESETS["quick"], variants=variants, seeds=1, budgets=["calls"], call_budget=budget, eval_n=1)
+    in_process = lambda worker, spec, workdir: compare.worker_group(spec)  # noqa: E731
+    started, real = [], compare.inference_chain
+
+    def chain(run, *args, stop_after=None):
+        if len(started) == stop_after:
+            raise KeyboardInterrupt  # the machine went away
+        started.append(run["key"])
+        return real(run, *args)
+
+    monkeypatch.setattr(compare, "inference_chain", lambda run, *a: chain(run, *a, stop_after=2))
+    with pytest.raises(KeyboardInterrupt):
+        compare.run_comparison(root, s, common, "world", ["symmetry"], 1, runner=in_process)
+    assert started == ["base", f"shortft-symmetry-s0-calls{budget}"]
+    finished = {p.name: p.read_text() for p in (root / "results").iterdir()}
+    assert sorted(finished) == sorted(f"{k}.json" for k in started)
+    left_over = root / "runs" / f"draft-k-symmetry-s0-calls{budget}" / "checkpoints" / "step-0000001"
+    left_over.mkdir(parents=True)  # what a run killed mid-way leaves
+
+    started.clear()
+    monkeypatch.setattr(compare, "inference_chain", chain)
+    results = compare.run_comparison(root, s, common, "world", ["symmetry"], 1, runner=in_process)
+    assert started == [f"draft-k-symmetry-s0-calls{budget}"] and not left_over.exists()
+    assert {name: (root / "results" / name).read_text() for name in finished} == finished  # not redone
+    assert [r["key"] for r in results] == ["base", *(f"{v}-symmetry-s0-calls{budget}" for v in variants)]
+    assert table_without_timings(results, variants, budget) == table_without_timings(reference, variants, budget)
+
+    started.clear()  # the same command once more: nothing runs, the same results
+    assert compare.run_comparison(root, s, common, "world", ["symmetry"], 1, runner=in_process) == results
+    assert started == []
+    with pytest.raises(ConfigError, match=r"differs in common\.lr, settings\.call_budget"):
+        compare.run_comparison(root, {**s, "call_budget": budget + 1}, {**common, "lr": 1.0}, "world", ["symmetry"],
+                               1, runner=in_process)
 
 
 def test_plan_interleaves_variants_and_rotates_their_order(tmp_path):
@@ -112,51 +169,144 @@ def test_plan_interleaves_variants_and_rotates_their_order(tmp_path):
     curve = [r for r in groups[1] if r["kind"] == "time" and r["budget"] == 2.0]
     assert {r["reward"] for r in curve} == {"r1"} and len(curve) == 3  # the curve only for the first reward
     assert len({r["run_dir"] for g in groups for r in g if "run_dir" in r}) == sum(len(g) for g in groups) - 1
+    assert len({r["key"] for g in groups for r in g}) == sum(len(g) for g in groups)  # one result file each
 
 
 def test_settings_reject_unknown_variants_and_budgets():
     parser = argparse.ArgumentParser()
     compare.add_parser(parser.add_subparsers())
     args = parser.parse_args(["compare", "--quick", "--variants", "shortft,nope"])
-    with pytest.raises(ValueError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         compare.settings(args)
     args = parser.parse_args(["compare", "--budgets", "time,flops"])
-    with pytest.raises(ValueError, match="flops"):
+    with pytest.raises(ConfigError, match="flops"):
         compare.settings(args)
 
 
-def test_raw_chain_computes_the_same_chain_as_the_engine(common):
-    """The overhead baseline must make the same calls with the same result, or the comparison is void."""
-    from shortft.chain import run_plan
-
-    for name in ("shortft", "full", "drtune"):
-        ctx = efficiency.build_context({**common, "method": name, "guidance": 3.0})
-        for p in ctx["params"]:  # non-zero LoRAs, so adapter switching matters
-            p.data.normal_(0, 0.05)
-        ro, rng = efficiency.rollout(ctx, 0)
-        steps = ctx["method"].plan(0.0, random.Random(0)).steps
-        with torch.no_grad():
-            a = run_plan(ctx["backend"], steps, ro.x_T, ro.cond, ro.uncond)
-            b = efficiency.raw_chain(ctx["backend"], steps, ro.x_T, ro.cond, ro.uncond)
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+def randomise_loras(ctx: dict) -> None:
+    """Non-zero LoRAs (the same on every model built from the same config), so adapter switching matters."""
+    g, trained = torch.Generator().manual_seed(0), {id(p) for p in ctx["params"]}
+    for _, p in ctx["backend"].net.named_parameters():
+        if id(p) in trained:
+            p.data = torch.randn(p.shape, generator=g) * 0.05
 
 
-def test_efficiency_row_and_report(common, tiny):
+def lora_state(ctx: dict, what: str) -> dict[str, torch.Tensor]:
+    """The trained adapters' parameters (what="data") or gradients (what="grad") by name."""
+    trained = {id(p) for p in ctx["params"]}
+    return {n: getattr(p, what) for n, p in ctx["backend"].net.named_parameters() if id(p) in trained}
+
+
+@pytest.mark.parametrize("method,progress,layers", [("shortft", 0.0, "attn_ff"), ("shortft", 0.55, "attn_ff"),
+                                                    ("full", 0.0, "attn"), ("drtune", 0.0, "attn_ff"),
+                                                    ("draft-lv", 0.0, "attn_ff")])
+def test_hand_iteration_computes_the_engine_iteration(common, method, progress, layers, monkeypatch):
+    """The overhead baseline must compute the same loss, gradients and update, or the comparison is void."""
+    over = {**common, "method": method, "guidance": 3.0, "batch_size": 2, "lora_layers": layers}
+    engine, hand = build_context(over), build_context(over, prepare=False)
+    for ctx in (engine, hand):
+        randomise_loras(ctx)
+    lora.set_trainable(hand["backend"].net, hand["method"].trainable(progress))
+    seen = {}  # the engine's gradients, read when train.optimizer_step clears them after its AdamW step
+    zero_grad = torch.optim.AdamW.zero_grad
+
+    def keep_gradients(opt, set_to_none=True):
+        seen.update({n: None if p.grad is None else p.grad.clone() for n, p in engine["backend"].net.named_parameters()
+                     if id(p) in {id(q) for q in engine["params"]}})
+        zero_grad(opt, set_to_none=set_to_none)
+
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", keep_gradients)
+    e = train_iteration(engine, 0, progress)
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", zero_grad)
+    h = hand_iteration(hand, 0, progress, zero_grad=False)
+    assert h["loss"] == pytest.approx(e["loss"], rel=1e-5) and h["grad_norm"] == pytest.approx(e["grad_norm"], rel=1e-4)
+    grads_e, grads_h = seen, lora_state(hand, "grad")
+    assert [n for n, g in grads_e.items() if g is not None] == [n for n, g in grads_h.items() if g is not None]
+    assert sum(g is not None for g in grads_e.values()) > 0
+    for name, g in grads_e.items():
+        if g is not None:
+            torch.testing.assert_close(grads_h[name], g, rtol=1e-4, atol=1e-7)
+    # the first AdamW update is lr·g/(|g| + eps): where |g| is near eps it amplifies float noise, hence atol lr/20
+    torch.testing.assert_close(lora_state(hand, "data"), lora_state(engine, "data"), rtol=1e-4, atol=1e-4)
+    if layers == "attn":  # the layout asked for: attention projections only
+        assert all(any(f".{t}." in n for t in lora.ATTENTION) for n in grads_e) and not any("ff.net" in n for n in grads_e)
+
+
+def test_efficiency_row_and_report(common, tiny, tmp_path):
     spec = {"overrides": {**common, "method": "shortft"}, "preset": "world", "progress": 0.0, "threads": 1,
             "warmup": 1, "iters": 1, "overhead_reps": 1}
     row = efficiency.worker_method(spec)
     # 6 steps in 4 segments: S1 = 1 step, then [jump, step], [step], [jump, step]; all in the graph
-    assert row["unet_calls"] == 6 and row["graph_calls"] == 6
-    assert row["peak"]["rss_mb"] >= row["loaded"]["rss_mb"] > 0
-    assert row["seconds_median"] > 0 and row["engine_s"] > 0 and row["raw_s"] > 0
+    assert row["unet_calls"] == 6 and row["graph_calls"] == 6 and row["stage"] == 1
+    assert len(row["iterations"]) == 2 and row["peak"]["rss_mb"] >= row["loaded"]["rss_mb"]
     ratio = {"median": {"short_raw": 1.0, "full_raw": 4.0, "short_engine": 1.05, "full_engine": 4.2},
              "short_calls": 18, "short_graph": 8, "full_calls": 50, "full_graph": 50}
     grads = {"full@10": [1.0, 2.0], "shortft@10": [0.5], "draft-lv@10": [0.1]}
     args = argparse.Namespace(threads=1, steps=NUM_STEPS, batch=1, reward="symmetry", warmup=1, iters=1, reps=1,
                               grad_rollouts=2)
     spec_m = ModelSpec(tiny["model"], tiny["shortcut"], tiny["prompts"], tiny["prompts"], "tiny")
-    text = efficiency.report(spec_m, args, {"shortft (stage 1)": row}, ratio, grads, [10], "shortft bench efficiency")
+    out = tmp_path / "efficiency.md"
+    results = {"rows": {"shortft (stage 1)": row}, "ratio": ratio, "grads": grads, "lengths": [10]}
+    text = efficiency_report.write_report(out, spec_m, args, results, "shortft bench efficiency", full=True)
+    assert out.read_text() == text
     for column in ("UNet calls / it", "in graph", "s / it", "peak RSS MB", "grad norm median", "overhead",
                    "ShortFT / full", "full backprop"):
         assert column in text
     assert "| raw UNet calls | 1.000 | 4.000 | 0.250 |" in text
+    assert "| engine overhead | +5.0% | +5.0% | |" in text and "| 10 | 1.5 [1, 2] | 0.5 [0.5, 0.5] |" in text
+    assert "| shortft (stage 1) | 6 | 6 |" in text
+
+
+def fake_side(seconds: float, mb: float, loss: float) -> dict:
+    return {"seconds": [seconds, 9.0, seconds], "loss": [loss, loss], "rss_mb": mb}  # 9.0: an outlier
+
+
+def test_overhead_rounds_interleave_and_summarise(tmp_path):
+    calls = []
+
+    def runner(worker, spec, workdir):
+        calls.append((spec["tag"], spec["overrides"]["method"], spec["progress"]))
+        engine = spec["side"] == "engine"
+        return fake_side(0.3 if engine else 0.2, 30.0 if engine else 20.0, -1.0 if engine else -1.0 + 1e-6)
+
+    rows = [("shortft (stage 2)", "shortft", {}, 0.3), ("full (checkpointed)", "full", {}, 0.0)]
+    results = overhead_bench.run_overhead({"reward": "symmetry"}, rows, "world", 2, 3, 1, tmp_path, runner=runner)
+    assert [c[0] for c in calls] == [
+        "overhead-shortft_stage_2-engine-r0", "overhead-shortft_stage_2-hand-r0",
+        "overhead-full_checkpointed-engine-r0", "overhead-full_checkpointed-hand-r0", "overhead-shortft_stage_2-hand-r1", "overhead-shortft_stage_2-engine-r1",
+        "overhead-full_checkpointed-hand-r1", "overhead-full_checkpointed-engine-r1"]
+    assert calls[0][1:] == ("shortft", 0.3)
+    table = overhead_bench.summarise_overhead(results)
+    row = table["full (checkpointed)"]
+    assert row["engine"] == {"s": 0.3, "rss_mb": 30.0} and row["hand"] == {"s": 0.2, "rss_mb": 20.0}
+    assert row["time"] == pytest.approx(0.5) and row["rss"] == pytest.approx(0.5)
+    assert row["loss_diff"] == pytest.approx(1e-6, rel=1e-3)
+    args = argparse.Namespace(threads=1, steps=50, batch=2, reward="symmetry", rounds=2, iters=3)
+    spec = ModelSpec("m", "s", "p", "p", "medium", config={"guidance": 7.5, "lora_layers": "attn"})
+    lines = efficiency_report.overhead_section(results, spec, args, "shortft bench efficiency --only overhead")
+    assert "| full (checkpointed) | 0.300 | 0.200 | +50.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" in lines
+    assert "'lora_layers': 'attn'" in lines[0] and "--only overhead" in lines[0]
+
+
+def test_overhead_worker_sides_agree(common):
+    """Each side in its own worker: the same losses, and what each measured."""
+    spec = {"overrides": {**common, "method": "draft-lv", "guidance": 3.0}, "preset": "world",
+            "progress": 0.0, "iters": 2, "threads": 1}
+    engine = overhead_bench.worker_side({**spec, "side": "engine"})
+    hand = overhead_bench.worker_side({**spec, "side": "hand"})
+    assert engine["loss"] == pytest.approx(hand["loss"], rel=1e-5) and engine["loss"][0] != engine["loss"][1]
+    assert len(engine["seconds"]) == len(hand["seconds"]) == 2 and set(engine) == set(hand)
+
+
+def test_only_some_parts_replace_their_sections(tmp_path):
+    old = "# Efficiency\n\nWritten by x.\n\n## Per method\n\nold rows\n\n## Engine against the same iteration " \
+          "written by hand\n\nplaceholder\n\n## Extra\n\nkept\n"
+    text = efficiency_report.merge(old, {efficiency_report.OVERHEAD: ["new table"], "New part": ["appended"]})
+    assert text == old.replace("placeholder\n", "new table\n") + "## New part\n\nappended\n\n"
+    parser = argparse.ArgumentParser()
+    efficiency.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["efficiency", "--only", "overhead", "--rows", "drtune,refl"])
+    parts, rows = efficiency.selection(args)
+    assert parts == ["overhead"] and [r[0] for r in rows] == ["drtune", "refl"]
+    with pytest.raises(ConfigError, match="flops"):
+        efficiency.selection(parser.parse_args(["efficiency", "--only", "rows,flops"]))

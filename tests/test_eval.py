@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -71,6 +73,38 @@ def test_score_images_values_and_groups():
     torch.testing.assert_close(torch.tensor(res["per_image"]["jpeg_kb"]), jpeg_size_kb(x))
     assert res["by_group"]["v"]["jpeg_kb"] == pytest.approx(float(jpeg_size_kb(x[2:]).mean()))
     assert res["prompt_fidelity"].startswith("not world prompts")
+
+
+def test_named_metrics_are_built_one_at_a_time(monkeypatch):
+    """By name, each reward model is built when its turn comes and gone before the next is built."""
+    live, alive_at_build, built = weakref.WeakSet(), [], []
+
+    class Model:
+        def __init__(self, scale: float):
+            self.scale = scale
+
+        def __call__(self, images, prompts):
+            return self.scale * images.mean(dim=(1, 2, 3))
+
+    def fake_build(name, settings=None):
+        if name == "aesthetic":
+            raise ImportError("no aesthetic package here")
+        gc.collect()
+        alive_at_build.append(len(live))
+        built.append(name)
+        model = Model(float(len(built)))
+        live.add(model)
+        return model
+
+    monkeypatch.setattr(evaluate, "build_metric", fake_build)
+    x = torch.rand(3, 3, 8, 8)
+    res = evaluate.score_images(x, ["a"] * 3, ["hpsv2", "aesthetic", "pickscore", "asymmetry"], fidelity=False)
+    assert built == ["hpsv2", "pickscore", "asymmetry"] and alive_at_build == [0, 0, 0]
+    torch.testing.assert_close(torch.tensor(res["per_image"]["pickscore"]), 2 * x.mean(dim=(1, 2, 3)))
+    assert res["summary"]["hpsv2"]["mean"] == pytest.approx(float(x.mean()))
+    assert res["skipped"] == {"aesthetic": "no aesthetic package here"} and "prompt_fidelity" not in res
+    with pytest.raises(ValueError, match="unknown metrics \\['nope'\\]"):
+        evaluate.score_images(x, ["a"] * 3, ["asymmetry", "nope"])
 
 
 def test_eval_cli_writes_csv_json_and_table(tmp_path, capsys):

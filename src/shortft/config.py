@@ -232,6 +232,7 @@ class TrainConfig:
     guidance: float = 5.0  # CFG scale of the original chain (SD 1.5: 7.5 as in DRaFT)
     lora_rank: int = 8  # LoRA rank on attention + feed-forward layers (paper: 128 on SD 1.5)
     lora_alpha: float = 8.0  # LoRA alpha; the update is scaled by alpha / rank
+    lora_layers: Literal["attn_ff", "attn"] = "attn_ff"  # layers the LoRAs wrap: attention + feed-forward (the paper), or attention only
     segments: int = 4  # ShortFT: k segments / LoRAs / stages (paper: 4)
     s1_grad_steps: int = 2  # ShortFT: steps of segment 1 kept in the graph at stage 1 (7-8 calls total)
     stage_fractions: list[float] = field(default_factory=lambda: [0.25, 0.25, 0.25, 0.25])  # ShortFT: share of max_steps per stage

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 
 from shortft.errors import ConfigError, MissingFileError
+from shortft.rewards.jpeg import jpeg_size_kb
+from shortft.rewards.symmetry import asymmetry
 
 Metric = Callable[[torch.Tensor, list[str]], torch.Tensor]  # (B, 3, H, W) in [0, 1], prompts -> (B,)
 
@@ -113,36 +115,28 @@ def load_hpdv2(source: str, styles: list[str] | None = None, limit: int | None =
 
 
 # ----------------------------------------------------------------------------------------------- metrics
-def build_metrics(names: list[str] | None = None, settings=None) -> tuple[dict[str, Metric], dict[str, str]]:
-    """({name: metric}, {name: why skipped}) for the requested metrics (default: all available)."""
-    from shortft.rewards import REWARDS, RewardSettings, RewardWeightsError, _import_builtin_rewards
-    from shortft.rewards.jpeg import jpeg_size_kb
-    from shortft.rewards.symmetry import asymmetry
+def _asymmetry(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return asymmetry(images)
 
+
+def _jpeg_kb(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    return jpeg_size_kb(images)  # the real PIL file size at quality 95, not the reward's surrogate
+
+
+IMAGE_METRICS: dict[str, Metric] = {"asymmetry": _asymmetry, "jpeg_kb": _jpeg_kb}  # metrics that need no model
+
+
+def build_metric(name: str, settings=None) -> Metric:
+    """The metric `name`: an image metric, or a reward model built with `settings` (RewardWeightsError or
+    ImportError when its weights or package are missing)."""
+    from shortft.rewards import REWARDS, RewardSettings, _import_builtin_rewards
+
+    if name in IMAGE_METRICS:
+        return IMAGE_METRICS[name]
+    if name not in REWARD_METRICS:
+        raise ConfigError(f"unknown metric {name!r}; choose from {list(ALL_METRICS)}")
     _import_builtin_rewards()
-    settings = settings or RewardSettings()
-    names = list(names or ALL_METRICS)
-    unknown = [n for n in names if n not in ALL_METRICS]
-    if unknown:
-        raise ConfigError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
-    metrics: dict[str, Metric] = {}
-    skipped: dict[str, str] = {}
-    for name in names:
-        if name in REWARD_METRICS:
-            try:
-                metrics[name] = REWARDS[name](settings)
-            except (RewardWeightsError, ImportError) as err:
-                skipped[name] = str(err)
-        elif name == "asymmetry":
-            metrics[name] = lambda images, prompts: asymmetry(images)
-        elif name == "jpeg_kb":
-            metrics[name] = lambda images, prompts: jpeg_size_kb(images)
-        elif name == "prompt_fidelity":
-            try:
-                from shortft.world.evaluator import prompt_fidelity  # noqa: F401
-            except ImportError as err:
-                skipped[name] = f"the world evaluator is not available ({err})"
-    return metrics, skipped
+    return REWARDS[name](settings or RewardSettings())
 
 
 def _world_fidelity(images: list[torch.Tensor], prompts: list[str]) -> dict[str, float] | str:
@@ -158,41 +152,57 @@ def _world_fidelity(images: list[torch.Tensor], prompts: list[str]) -> dict[str,
     return prompt_fidelity(batch.clamp(0, 1), prompts)
 
 
+def _per_image(metric: Metric, images: list[torch.Tensor], prompts: list[str], batches: list[list[int]]) -> list[float]:
+    """One metric's score of every image, computed over `batches` (lists of indices of same-size images)."""
+    out = [math.nan] * len(images)
+    for chunk in batches:
+        scores = metric(torch.stack([images[i] for i in chunk]), [prompts[i] for i in chunk])  # (len(chunk),)
+        for i, v in zip(chunk, scores.float().cpu().tolist()):
+            out[i] = v
+    return out
+
+
 @torch.no_grad()
 def score_images(images: torch.Tensor | list[torch.Tensor], prompts: list[str],
-                    metrics: dict[str, Metric] | list[str] | None = None, batch_size: int = 8,
-                    groups: list[str] | None = None, fidelity: bool = True) -> dict:
+                 metrics: dict[str, Metric] | list[str] | None = None, batch_size: int = 8,
+                 groups: list[str] | None = None, fidelity: bool = True, settings=None) -> dict:
     """Score images (a (N, 3, H, W) tensor or a list of (3, H, W), sizes may differ, values in [0, 1]).
 
-    `metrics`: {name: metric} (e.g. from `build_metrics`) or names (built with default settings).
+    `metrics`: {name: metric}, or names from ALL_METRICS (default: all), each built with `settings` when
+    its turn comes and dropped before the next, so one reward model is in memory at a time; a metric
+    whose weights or package are missing is skipped with the reason ("prompt_fidelity" is `fidelity`).
     `groups`: optional label per image (e.g. the HPDv2 style) for per-group means.
     `fidelity`: also run the world evaluator's prompt fidelity (when the prompts are world prompts).
     Returns {"n", "per_image": {metric: [N floats]}, "summary": {metric: {mean, std}},
              "by_group": {group: {metric: mean}}, "prompt_fidelity": {...} or reason, "skipped": {...}}."""
+    from shortft.rewards import RewardWeightsError
+
     images = list(images)
     if len(images) != len(prompts):
         raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-    skipped: dict[str, str] = {}
-    if metrics is None or isinstance(metrics, list | tuple):
-        metrics, skipped = build_metrics(list(metrics) if metrics else None)
+    names = [n for n in (metrics if metrics is not None else ALL_METRICS) if n != "prompt_fidelity"]
+    unknown = [] if isinstance(metrics, dict) else [n for n in names if n not in ALL_METRICS]
+    if unknown:
+        raise ConfigError(f"unknown metrics {unknown}; choose from {list(ALL_METRICS)}")
     by_size: dict[tuple, list[int]] = {}
     for i, im in enumerate(images):
         by_size.setdefault(tuple(im.shape), []).append(i)
-    per_image = {name: [math.nan] * len(images) for name in metrics}
-    for idx in by_size.values():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s:s + batch_size]
-            x = torch.stack([images[i] for i in chunk])
-            p = [prompts[i] for i in chunk]
-            for name, fn in metrics.items():
-                for i, v in zip(chunk, fn(x, p).float().cpu().tolist()):
-                    per_image[name][i] = v
-    out = {"n": len(images), "per_image": per_image, "skipped": skipped,
-           "summary": {n: _stats(v) for n, v in per_image.items()}}
+    batches = [idx[s:s + batch_size] for idx in by_size.values() for s in range(0, len(idx), batch_size)]
+    per_image, skipped = {}, {}
+    for name in names:
+        try:
+            metric = metrics[name] if isinstance(metrics, dict) else build_metric(name, settings)
+        except (RewardWeightsError, ImportError) as err:
+            skipped[name] = str(err)
+            continue
+        per_image[name] = _per_image(metric, images, prompts, batches)
+        del metric  # before the next one is built
+    out = {"n": len(images), "per_image": per_image, "summary": {n: _stats(v) for n, v in per_image.items()},
+           "skipped": skipped}
     if groups is not None:
         out["by_group"] = {g: {n: _stats([v[i] for i in range(len(images)) if groups[i] == g])["mean"]
                                for n, v in per_image.items()} for g in dict.fromkeys(groups)}
-    if fidelity and "prompt_fidelity" not in skipped:
+    if fidelity:
         try:
             out["prompt_fidelity"] = _world_fidelity(images, prompts)
         except ImportError as err:
@@ -267,7 +277,7 @@ def register(subparsers) -> None:
 
 
 def run_eval(args) -> dict:
-    from shortft.rewards import RewardSettings
+    from shortft.rewards import RewardSettings, parse_paths
 
     if (args.images is None) == (args.run is None):
         raise ConfigError("shortft eval: give an image folder or --run RUN_DIR (one of them)")
@@ -291,24 +301,11 @@ def run_eval(args) -> dict:
     else:
         files, images, prompts = load_folder(args.images)
         out = Path(args.out or Path(args.images) / "eval")
-    paths = dict(kv.split("=", 1) for kv in args.reward_paths.split(",") if kv.strip())
     names = args.metrics.split(",") if args.metrics else list(ALL_METRICS)
-    settings = RewardSettings(device=args.device, paths=paths)
-    # One model in memory at a time: HPS v2, v2.1 and PickScore are ~1B parameters each.
-    result: dict = {"n": len(images), "per_image": {}, "summary": {}, "skipped": {}}
-    for name in names:
-        metrics, skipped = build_metrics([name], settings)
-        result["skipped"].update(skipped)
-        last = name == names[-1]
-        part = score_images(images, prompts, metrics, args.batch, groups,
-                               fidelity=last and "prompt_fidelity" in names and "prompt_fidelity" not in skipped)
-        for key in ("per_image", "summary"):
-            result[key].update(part[key])
-        for group, means in part.get("by_group", {}).items():
-            result.setdefault("by_group", {}).setdefault(group, {}).update(means)
-        if "prompt_fidelity" in part:
-            result["prompt_fidelity"] = part["prompt_fidelity"]
-        del metrics
+    settings = RewardSettings(device=args.device, paths=parse_paths(args.reward_paths))
+    # names, not built metrics: HPS v2, v2.1 and PickScore are ~1B parameters each, built one at a time
+    result = score_images(images, prompts, names, args.batch, groups, fidelity="prompt_fidelity" in names,
+                          settings=settings)
     result["source"] = str(args.run or args.images)
     write_results(result, files, prompts, out, groups)
     print(format_table(result))

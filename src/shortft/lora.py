@@ -30,10 +30,11 @@ from shortft.errors import ConfigError
 from shortft.hub import hub_file
 
 # "Attention and feed-forward layers" of the SD UNet's transformer blocks (paper, sec. 3.2).
-ATTN_FF_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+ATTN_FF_TARGETS = ATTENTION + ("ff.net.0.proj", "ff.net.2")
 # The same in SD 3's joint blocks, both branches: the image stream and the context (text) stream.
-SD3_TARGETS = ATTN_FF_TARGETS + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context.net.0.proj",
-                                 "ff_context.net.2")
+SD3_ATTENTION = ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+SD3_TARGETS = SD3_ATTENTION + ("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,17 @@ class LoraFormat:
 
     component: str  # "unet" or "transformer": the key prefix in the files and the name in the loader's API
     pipeline: str  # the diffusers pipeline class whose lora_state_dict / load_lora_into_* / save_lora_weights apply
-    targets: tuple[str, ...]  # the layers a fresh adapter goes on
+    targets: tuple[str, ...]  # the layers a fresh adapter goes on: attention + feed-forward (the paper's)
+    attention: tuple[str, ...]  # the attention projections alone (TrainConfig.lora_layers="attn")
+
+    def layers(self, which: str) -> tuple[str, ...]:
+        """The target layers of TrainConfig.lora_layers: "attn_ff" or "attn"."""
+        return self.attention if which == "attn" else self.targets
 
 
-SD_LORA = LoraFormat("unet", "StableDiffusionPipeline", ATTN_FF_TARGETS)
-SDXL_LORA = LoraFormat("unet", "StableDiffusionXLPipeline", ATTN_FF_TARGETS)
-SD3_LORA = LoraFormat("transformer", "StableDiffusion3Pipeline", SD3_TARGETS)
+SD_LORA = LoraFormat("unet", "StableDiffusionPipeline", ATTN_FF_TARGETS, ATTENTION)
+SDXL_LORA = LoraFormat("unet", "StableDiffusionXLPipeline", ATTN_FF_TARGETS, ATTENTION)
+SD3_LORA = LoraFormat("transformer", "StableDiffusion3Pipeline", SD3_TARGETS, SD3_ATTENTION)
 
 
 def _loader(fmt: LoraFormat):

@@ -31,8 +31,9 @@ def tiny_vae(latent_channels: int, sample_size: int, **kw):
 
 def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "epsilon",
                     channels: tuple[int, ...] = (16, 32), text_dim: int = 32, sample_size: int = 8,
-                    layers_per_block: int = 1) -> Path:
-    """Write a tiny SD 1.5-format pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and return it."""
+                    layers_per_block: int = 1, attention_head_dim: int = 4, norm_num_groups: int = 8) -> Path:
+    """Write a tiny SD 1.5-format pipeline folder (unet/ vae/ text_encoder/ tokenizer/ scheduler/) and return it.
+    The UNet has one block per entry of `channels`, cross-attention in all but the lowest resolution (as SD)."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     from shortft.clip_vocab import write_clip_tokenizer
@@ -44,7 +45,7 @@ def make_tiny_model(path: str | Path, seed: int = 0, prediction_type: str = "eps
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=layers_per_block,
         block_out_channels=channels, down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), cross_attention_dim=text_dim,
-        attention_head_dim=4, norm_num_groups=8)
+        attention_head_dim=attention_head_dim, norm_num_groups=norm_num_groups)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
     pipe = StableDiffusionPipeline(vae=tiny_vae(4, sample_size), text_encoder=tiny_clip_text(text_dim),

@@ -218,10 +218,10 @@ class Logger:
 
 # --- the loop -----------------------------------------------------------------------------------------------
 def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, reward, prompts: list[str], params,
-                   optimizer, step: int, progress: float) -> tuple[torch.Tensor, dict, float, bool]:
+                   optimizer, step: int, progress: float) -> tuple[torch.Tensor, dict, float, bool, float]:
     """One optimiser step: `grad_accum` rollouts (plan, chain, reward, backward), clipping and AdamW.
-    Returns (rewards, plan info, gradient norm, finite); a non-finite loss or gradient skips the update on
-    every rank alike. Nothing of the step's graph outlives this function."""
+    Returns (rewards, plan info, gradient norm, finite, the last rollout's loss); a non-finite loss or gradient
+    skips the update on every rank alike. Nothing of the step's graph outlives this function."""
     step_rewards, calls = [], 0
     for micro in range(cfg.grad_accum):
         with accelerator.accumulate(backend.denoiser):
@@ -243,7 +243,7 @@ def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, rewar
                 if finite or accelerator.scaler is not None:  # a grad scaler (fp16) skips and rescales itself
                     optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-    return torch.cat(step_rewards), {**info, "unet_calls": calls}, grad_norm, finite
+    return torch.cat(step_rewards), {**info, "unet_calls": calls}, grad_norm, finite, float(loss.detach())
 
 
 def train(cfg: TrainConfig) -> Run:
@@ -299,8 +299,8 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
         if method.trainable(progress) != trainable:  # progressive training: stage i trains lora i..k
             trainable = method.trainable(progress)
             lora.set_trainable(unet, trainable)
-        rewards, info, grad_norm, finite = optimizer_step(cfg, accelerator, backend, method, reward, prompts,
-                                                          params, optimizer, step, progress)
+        rewards, info, grad_norm, finite, _ = optimizer_step(cfg, accelerator, backend, method, reward, prompts,
+                                                             params, optimizer, step, progress)
         mean_reward = float(accelerator.gather(rewards.to(accelerator.device)).mean())
         seconds = time.perf_counter() - t0
         elapsed, calls, bad = elapsed + seconds, calls + info["unet_calls"], 0 if finite else bad + 1

@@ -16,16 +16,37 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
+import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-# Models the benchmark can build on the spot (random weights; no download). "world" is the shipped model.
-SYNTHETIC = {  # name -> make_tiny_model kwargs
-    "tiny": dict(channels=(16, 32), text_dim=32, sample_size=8),  # the test model: seconds per run
-    "small": dict(channels=(32, 64), text_dim=64, sample_size=16),  # a small UNet where UNet calls dominate
+from shortft import files
+from shortft.errors import ConfigError, MissingFileError
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """A random-weight SD-format model the benchmarks build on the spot (no download)."""
+
+    model: dict  # make_tiny_model / make_tiny_sd3 kwargs
+    config: dict = field(default_factory=dict)  # config overrides its benchmarks run with, every method alike
+    family: str = "sd"  # "sd" (SD 1.5 format, shortft.testing.make_tiny_model) or "sd3" (make_tiny_sd3)
+
+
+SYNTHETIC = {  # "world" is the shipped model
+    "tiny": Synthetic(dict(channels=(16, 32), text_dim=32, sample_size=8)),  # the test model: seconds per run
+    "small": Synthetic(dict(channels=(32, 64), text_dim=64, sample_size=16)),  # a small UNet where UNet calls dominate
+    # ~9 M UNet parameters: per-call costs large enough that framework overhead shows against real work
+    "medium": Synthetic(dict(channels=(64, 128, 128), layers_per_block=2, text_dim=256, sample_size=8,
+                             attention_head_dim=8, norm_num_groups=32),
+                        config=dict(guidance=7.5, lora_rank=4, lora_alpha=4.0, lora_layers="attn")),
+    # SD 3-format (rectified flow) models: "small-sd3" has about as many denoiser parameters as "small"
+    "tiny-sd3": Synthetic(dict(sample_size=8, width=32, layers=1), family="sd3"),
+    "small-sd3": Synthetic(dict(sample_size=16, width=64, layers=4), family="sd3"),
 }
 
 
@@ -39,38 +60,39 @@ class ModelSpec:
     eval_prompts: str  # held-out prompt set
     label: str  # how reports name it
     preset: str | None = "world"  # config preset the runs start from (None: the config's default for the model)
+    config: dict = field(default_factory=dict)  # config overrides that come with the model (Synthetic.config)
 
 
 def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
-    """Resolve `name`: "world" (the embedded model), "tiny"/"small" (random-weight SD-format models built
+    """Resolve `name`: "world" (the embedded model), a SYNTHETIC name (random-weight SD-format models built
     into `cache` with a random shortcut LoRA standing in for a distilled one), or a diffusers folder
     (then `shortcut` must name its shortcut LoRA)."""
-    from shortft.testing import make_tiny_lora, make_tiny_model
+    from shortft.testing import make_tiny_lora, make_tiny_model, make_tiny_sd3
 
     if name == "world":
         from shortft.world import WORLD_MODEL, WORLD_SHORTCUT
 
         if not (WORLD_MODEL / "unet").is_dir():
-            raise FileNotFoundError(f"the embedded world model is missing at {WORLD_MODEL}; use --model small")
+            raise MissingFileError(f"the embedded world model is missing at {WORLD_MODEL}; use --model small")
         if not shortcut and not WORLD_SHORTCUT.is_file():
-            raise FileNotFoundError(f"the world's shortcut is missing at {WORLD_SHORTCUT}; pass --shortcut FILE")
+            raise MissingFileError(f"the world's shortcut is missing at {WORLD_SHORTCUT}; pass --shortcut FILE")
         return ModelSpec("world", shortcut or str(WORLD_SHORTCUT), "world-train", "world-heldout", "world")
     if name in SYNTHETIC:
-        folder = cache / f"model-{name}"
-        if not (folder / "unet").is_dir():
-            make_tiny_model(folder, seed=0, **SYNTHETIC[name])
+        synth, folder = SYNTHETIC[name], cache / f"model-{name}"
+        if not (folder / "model_index.json").is_file():
+            (make_tiny_sd3 if synth.family == "sd3" else make_tiny_model)(folder, seed=0, **synth.model)
         sc = folder / "shortcut.safetensors"
         if not sc.is_file():
             make_tiny_lora(folder, sc, rank=4, seed=1, scale=0.1)
         prompts = folder / "prompts.txt"
         prompts.write_text("\n".join(SYNTHETIC_PROMPTS) + "\n")
         return ModelSpec(str(folder), shortcut or str(sc), str(prompts), str(prompts),
-                         f"{name} (random weights, {SYNTHETIC[name]})")
-    if not (Path(name) / "unet").is_dir():
-        raise FileNotFoundError(f"--model {name!r}: not 'world', one of {', '.join(SYNTHETIC)}, "
-                                "nor a diffusers folder with unet/")
+                         f"{name} (random weights, {synth.model})", config=synth.config)
+    if not (Path(name) / "model_index.json").is_file():
+        raise MissingFileError(f"--model {name!r}: not 'world', one of {', '.join(SYNTHETIC)}, "
+                               "nor a diffusers pipeline folder (model_index.json)")
     if not shortcut:
-        raise ValueError(f"--model {name!r} needs --shortcut (a shortcut LoRA file for that model)")
+        raise ConfigError(f"--model {name!r} needs --shortcut (a shortcut LoRA file for that model)")
     return ModelSpec(name, shortcut, "simple-animals", "simple-animals", name, preset=None)
 
 
@@ -94,7 +116,7 @@ def run_worker(worker: str, spec: dict, workdir: Path, timeout: float | None = N
     workdir.mkdir(parents=True, exist_ok=True)
     tag = f"{worker}-{spec.get('tag', 'x')}"
     spec_file, out_file, log_file = workdir / f"{tag}.spec.json", workdir / f"{tag}.json", workdir / f"{tag}.log"
-    spec_file.write_text(json.dumps(spec, indent=1))
+    files.write_json(spec_file, spec)
     out_file.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
     with open(log_file, "w") as log:
@@ -105,6 +127,39 @@ def run_worker(worker: str, spec: dict, workdir: Path, timeout: float | None = N
         raise RuntimeError(f"bench worker {worker} ({tag}) failed with status {proc.returncode}; "
                            f"log {log_file}:\n{tail}")
     return json.loads(out_file.read_text())
+
+
+def sync(device) -> None:
+    """Wait for the GPU, so that a timing covers the work and not only its launch."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_mb(field_name: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(text.split(f"{field_name}:", 1)[1].split()[0]) / 1024  # the kernel reports kB
+
+
+def rss_mark() -> float:
+    """Reset this process's peak-RSS mark to its current RSS and return that RSS (MB); `rss_peak` then
+    reads the peak since. ru_maxrss cannot be reset, and a child process inherits its parent's peak across
+    fork/exec in it, so a worker's ru_maxrss reports the bench command's memory whenever that is larger.
+    Linux only (/proc/self/clear_refs, VmHWM); elsewhere the mark is ru_maxrss and nothing is reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_peak() -> float:
+    """Peak RSS (MB) since the last `rss_mark`."""
+    try:
+        return _status_mb("VmHWM")
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def set_threads(n: int) -> None:
@@ -134,6 +189,18 @@ def machine() -> str:
 
 def now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+
+
+def command_line(name: str) -> str:
+    """The `shortft bench NAME ...` command this process runs, as typed (for the reports' Reproduce lines)."""
+    if sys.argv[1:3] == ["bench", name]:
+        return " ".join(["shortft bench", name, *map(shlex.quote, sys.argv[3:])])
+    return f"shortft bench {name}"
+
+
+def slug(label: str) -> str:
+    """A row label as a file-name tag: "shortft (stage 1)" -> "shortft_stage_1"."""
+    return "".join(c for c in label.replace(" ", "_") if c.isalnum() or c in "_-.")
 
 
 def median(xs: list[float]) -> float:

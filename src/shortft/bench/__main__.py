@@ -8,18 +8,17 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
-    from shortft.bench import compare, efficiency
+    from shortft import files
+    from shortft.bench import compare, efficiency, overhead
 
     workers = {"efficiency_method": efficiency.worker_method, "efficiency_ratio": efficiency.worker_ratio,
-               "efficiency_gradlen": efficiency.worker_gradlen, "compare_group": compare.worker_group}
+               "efficiency_gradlen": efficiency.worker_gradlen, "overhead_side": overhead.worker_side,
+               "compare_group": compare.worker_group}
     if len(argv) != 3 or argv[0] not in workers:
         print(f"usage: python -m shortft.bench {{{','.join(workers)}}} spec.json out.json", file=sys.stderr)
         return 2
     spec = json.loads(Path(argv[1]).read_text())
-    result = workers[argv[0]](spec)
-    tmp = Path(argv[2] + ".tmp")
-    tmp.write_text(json.dumps(result))
-    tmp.replace(argv[2])
+    files.write_json(argv[2], workers[argv[0]](spec), indent=None)
     return 0
 
 

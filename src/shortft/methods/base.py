@@ -67,7 +67,8 @@ class Method:
         self.use_timesteps(backend.timesteps(self.cfg.num_steps))
         for name in self.adapter_names():
             if name not in lora.adapter_names(backend.net):
-                lora.add_lora(backend.net, name, self.cfg.lora_rank, self.cfg.lora_alpha, backend.lora_format.targets)
+                lora.add_lora(backend.net, name, self.cfg.lora_rank, self.cfg.lora_alpha,
+                              backend.lora_format.layers(self.cfg.lora_layers))
 
     # --- rollouts -------------------------------------------------------------------------------------
     def plan(self, progress: float, rng: random.Random) -> Plan:
