@@ -132,12 +132,12 @@ def test_full_plan():
 
 def _rollout_grads(tiny, name, progress=0.0, **kw):
     """One rollout + backward on the tiny model; which adapters received gradient."""
-    from shortft.backends import SDBackend
+    from shortft.backends import load_backend
     from shortft.rewards.symmetry import symmetry_reward
 
     cfg = TrainConfig(method=name, model=tiny["model"], shortcut=tiny["shortcut"], num_steps=10, lora_rank=4,
                       lora_alpha=4.0, **kw)
-    b = SDBackend.load(tiny["model"])
+    b = load_backend(tiny["model"])
     m = METHODS[name](cfg)
     m.setup(b)
     for n in m.adapter_names():  # non-zero B so every adapter is on the gradient path
@@ -158,13 +158,29 @@ def _rollout_grads(tiny, name, progress=0.0, **kw):
 
 
 @pytest.mark.parametrize("name", ["draft", "draft-lv", "alignprop", "drtune", "refl", "full"])
-def test_single_lora_methods_send_gradient_to_lora(tiny, name):
+def test_single_lora_methods_send_gradient_to_lora(tiny_any, name):
+    """On both families (the tiny SD 1.5- and SD 3-format models): only the method's LoRA gets gradient."""
     kw = {"drtune_k": 2, "drtune_m": 3, "refl_window": 3} if name in ("drtune", "refl") else {}
-    assert _rollout_grads(tiny, name, **kw) == {"lora": True}
+    assert _rollout_grads(tiny_any, name, **kw) == {"lora": True}
 
 
-def test_shortft_gradients_by_stage(tiny):
-    s1 = _rollout_grads(tiny, "shortft")
+def test_shortft_gradients_by_stage(tiny_any):
+    s1 = _rollout_grads(tiny_any, "shortft")
     assert s1 == {SHORTCUT: False, "lora1": True, "lora2": True, "lora3": True, "lora4": True}
-    s3 = _rollout_grads(tiny, "shortft", progress=0.6)
+    s3 = _rollout_grads(tiny_any, "shortft", progress=0.6)
     assert s3 == {SHORTCUT: False, "lora1": False, "lora2": False, "lora3": True, "lora4": True}
+
+
+def test_shortcut_ft_trains_its_lora_on_top_of_the_frozen_shortcut(tiny_any):
+    assert _rollout_grads(tiny_any, "shortcut-ft", segments=2) == {SHORTCUT: False, "lora": True}
+
+
+def test_shortft_segments_on_a_flow_grid():
+    """SD 3's default 28-step grid in 4 segments: 7 steps each; LoRA times at the segments' last steps."""
+    sd3_28 = [1000.0 * (1 - i / 28) for i in range(28)]  # any decreasing grid: plans only index into it
+    m = METHODS["shortft"](TrainConfig(method="shortft", num_steps=28))
+    m.use_timesteps(sd3_28)
+    plan = m.plan(0.0, random.Random(0))
+    assert m.bounds == [0, 7, 14, 21, 28] and len(plan.steps) == 7 + 3 * 2
+    jumps = [(s.t_from, s.t_to) for s in plan.steps if s.adapters == (SHORTCUT,)]
+    assert jumps == [(sd3_28[7], sd3_28[13]), (sd3_28[14], sd3_28[20]), (sd3_28[21], sd3_28[27])]

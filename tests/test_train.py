@@ -13,8 +13,10 @@ from diffusers import DDIMScheduler, StableDiffusionPipeline
 from conftest import train_overrides
 from shortft import files
 from shortft.backends import SDBackend
+from shortft.bench import chain_scaled
 from shortft.cli import main
 from shortft.config import build_config
+from shortft.methods import METHODS
 from shortft.sample import TimestepLoRASwitch, generate, load_run
 from shortft.train import build_model, train
 
@@ -78,12 +80,16 @@ def test_trainable_changed_frozen_did_not(trained):
     assert all(torch.equal(saved[n], now[n].detach()) for n in saved)
 
 
-def test_resume_is_exact(tiny, tmp_path):
+@pytest.mark.parametrize("family, method", [("sd", m) for m in METHODS] + [("sd3", "shortft"), ("sd3", "draft-lv")])
+def test_resume_is_exact(tiny, tiny_sd3, tmp_path, family, method):
+    """Every method (and the flow family): 2 steps, a resume to 4, equals 4 uninterrupted steps."""
+    tiny = tiny if family == "sd" else tiny_sd3
+    kw = dict(max_steps=4, method=method, **chain_scaled(10))
     full = tmp_path / "full"
-    train(build_config("world", overrides=train_overrides(tiny, full, max_steps=4, method="draft")))
+    train(build_config("world", overrides=train_overrides(tiny, full, **kw)))
     part = tmp_path / "part"
-    train(build_config("world", overrides=train_overrides(tiny, part, max_steps=2, method="draft")))
-    train(build_config("world", overrides=train_overrides(tiny, part, max_steps=4, method="draft", resume=str(part))))
+    train(build_config("world", overrides=train_overrides(tiny, part, **{**kw, "max_steps": 2})))
+    train(build_config("world", overrides=train_overrides(tiny, part, **kw, resume=str(part))))
     a, b = _adapters(_latest_ckpt(full)), _adapters(_latest_ckpt(part))
     assert a.keys() == b.keys()
     for k in a:

@@ -318,3 +318,30 @@ def test_world_eval_command(tmp_path, capsys):
     assert main(["world", "eval", "--skip", "real", "clip", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
     assert "model folder" in err and "does not exist" in err and "\n" not in err
+
+
+def test_the_flow_part_trains_an_sd3_pipeline_folder_that_a_stock_pipeline_loads(tiny_assets, tmp_path):
+    """`--part flow`: the transformer's velocity loss falls; flow-model/ loads through the SD 3 backend and a
+    stock StableDiffusion3Pipeline (with the folder's max_sequence_length), which give the same images."""
+    from diffusers import StableDiffusion3Pipeline
+
+    from shortft.backends import SD3Backend, load_backend
+    from shortft.chain import sampling_plan
+    from shortft.factory.flow import FLOW_T5_LENGTH, pretrain_flow
+    from shortft.sample import generate
+
+    cfg = copy_assets(tiny_assets, tmp_path, **{"flow.steps": 40})
+    _, _, losses = pretrain_flow(cfg)
+    first, last = _first_last(losses, 10)
+    assert last < first, (first, last)
+    folder = cfg.root / "flow-model"
+    assert json.loads((folder / "shortft.json").read_text()) == {"max_sequence_length": FLOW_T5_LENGTH}
+    assert (folder / "tokenizer" / "vocab.json").read_bytes() == (cfg.root / "model" / "tokenizer" / "vocab.json").read_bytes()
+    backend = load_backend(str(folder))
+    assert isinstance(backend, SD3Backend) and backend.t5 is None and backend.t5_length == FLOW_T5_LENGTH
+    prompts = prompt_split("heldout")[:2]
+    ours = generate(backend, sampling_plan(backend.timesteps(4), lambda i: (), 3.0), prompts, [0, 1])
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    theirs = pipe(prompts, num_inference_steps=4, guidance_scale=3.0, height=64, width=64, output_type="pt",
+                  max_sequence_length=FLOW_T5_LENGTH, generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+    assert ours.shape == (2, 3, 64, 64) and (ours - theirs).abs().max() < 1e-3

@@ -72,46 +72,53 @@ def sample_run(run_dir: str | Path, prompts: list[str], seeds: list[int], device
 
 
 class TimestepLoRASwitch:
-    """`callback_on_step_end` for a stock diffusers StableDiffusionPipeline that switches LoRA adapters
-    per timestep, so plain diffusers reproduces `shortft sample`.
+    """`callback_on_step_end` for a stock diffusers pipeline of the run's family (StableDiffusionPipeline,
+    StableDiffusion3Pipeline, ...) that switches LoRA adapters per step, so plain diffusers reproduces
+    `shortft sample`.
 
         switch = TimestepLoRASwitch.from_run("runs/x", pipe)   # loads the LoRA files into the pipeline
         pipe(prompts, num_inference_steps=50, callback_on_step_end=switch)
 
-    `schedule` maps each sampling timestep to the adapters active there ([] = base model). The
-    callback runs after step i and sets the adapters of step i + 1; `prepare` sets those of step 0.
+    `schedule[i]` names the adapters active at sampling step i ([] = base model); `weights` gives each
+    adapter's weight when active (1, and the run's shortcut_scale for a frozen shortcut). The callback runs
+    after step i and sets the adapters of step i + 1; `from_run` sets those of step 0.
     """
 
-    def __init__(self, schedule: dict[int, list[str]], all_adapters: list[str]):
-        self.schedule = {int(t): list(a) for t, a in schedule.items()}
-        self.all_adapters = list(all_adapters)
+    def __init__(self, schedule: list[list[str]], weights: dict[str, float]):
+        self.schedule = [list(a) for a in schedule]
+        self.weights = dict(weights)
 
     @classmethod
     def from_run(cls, run_dir: str | Path, pipe) -> TimestepLoRASwitch:
+        from shortft.config import TrainConfig, from_dict
+        from shortft.methods.base import shortcut_file
+
         run_dir = Path(run_dir)
-        meta = json.loads((run_dir / "lora" / "shortft.json").read_text())
+        meta = run_metadata_of(run_dir)
+        cfg = from_dict(TrainConfig, meta["config"])
         for name in meta["adapters"]:
             pipe.load_lora_weights(run_dir / "lora", weight_name=f"{name}.safetensors", adapter_name=name)
-        if meta.get("frozen"):  # shortcut-ft samples on top of the shortcut
-            from shortft.config import TrainConfig, from_dict
-            from shortft.methods.base import shortcut_file
-
-            file = lora.resolve_file(shortcut_file(from_dict(TrainConfig, meta["config"])))
+        weights = dict.fromkeys(meta["adapters"], 1.0)
+        if meta.get("frozen"):  # shortcut-ft samples on top of the shortcut, at the run's shortcut scale
+            file = lora.resolve_file(shortcut_file(cfg))
             for name in meta["frozen"]:
                 pipe.load_lora_weights(file.parent, weight_name=file.name, adapter_name=name)
-        switch = cls({int(t): a for t, a in meta["schedule"].items()}, meta["adapters"] + list(meta.get("frozen", {})))
-        switch.apply(pipe, meta["timesteps"][0])
+                weights[name] = cfg.shortcut_scale
+        switch = cls(meta["schedule"], weights)
+        switch.apply(pipe, 0)
         return switch
 
-    def apply(self, pipe, t: int) -> None:
-        """Activate the adapters of timestep t: weight 1 for the active ones, 0 for the rest (exact base)."""
-        active = self.schedule.get(int(t), [])
-        pipe.set_adapters(self.all_adapters, [1.0 if a in active else 0.0 for a in self.all_adapters])
+    def apply(self, pipe, index: int) -> None:
+        """Activate the adapters of step `index` at their weights, every other adapter at 0 (exactly off)."""
+        active = self.schedule[index]
+        pipe.set_adapters(list(self.weights), [w if a in active else 0.0 for a, w in self.weights.items()])
 
     def __call__(self, pipe, step_index: int, timestep, callback_kwargs: dict) -> dict:
-        timesteps = pipe.scheduler.timesteps
-        if step_index + 1 < len(timesteps):
-            self.apply(pipe, int(timesteps[step_index + 1]))
+        if len(pipe.scheduler.timesteps) != len(self.schedule):
+            raise ValueError(f"the pipeline samples {len(pipe.scheduler.timesteps)} steps but the run's schedule "
+                             f"has {len(self.schedule)}: pass num_inference_steps={len(self.schedule)}")
+        if step_index + 1 < len(self.schedule):
+            self.apply(pipe, step_index + 1)
         return callback_kwargs
 
 
@@ -122,5 +129,5 @@ def run_metadata(method, cfg_dict: dict) -> dict:
     frozen = {name: method.cfg.shortcut for name in sorted(used)}  # only the shortcut is ever frozen and sampled;
     # it is recorded as the config names it ("" = the shipped world shortcut), so the folder stays portable
     return {"adapters": method.adapter_names(), "frozen": frozen, "timesteps": method.timesteps,
-            "schedule": {str(s.t_from): list(s.adapters) for s in plan.steps},
+            "schedule": [list(s.adapters) for s in plan.steps],
             "guidance": method.cfg.guidance, "config": cfg_dict}

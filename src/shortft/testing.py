@@ -1,4 +1,4 @@
-"""Tiny random-weight models of each family for tests, benchmarks and quick debugging: the real classes and
+"""Tiny random-weight models of each family (SD 1.5, SDXL, SD 3) for tests, benchmarks and quick debugging: the real classes and
 file layout (a diffusers pipeline folder with model_index.json), a few hundred thousand parameters, saved
 with save_pretrained so they load back through the backends like a real checkpoint."""
 
@@ -98,6 +98,33 @@ def make_tiny_sd3(path: str | Path, seed: int = 0, t5: bool = True, sample_size:
         text_encoder=clip_l, tokenizer=write_clip_tokenizer(path / "tokenizer", max_length=32),
         text_encoder_2=clip_g, tokenizer_2=write_clip_tokenizer(path / "tokenizer_2", max_length=32),
         text_encoder_3=text_3, tokenizer_3=tok_3)
+    pipe.save_pretrained(path)
+    return path
+
+
+def make_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8, width: int = 32) -> Path:
+    """Write a tiny SDXL-format pipeline folder (unet/ with addition_embed_type="text_time", vae/, text_encoder/,
+    text_encoder_2/ with a projection, both tokenizers, scheduler/) and return it."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    from shortft.clip_vocab import write_clip_tokenizer
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    time_dim = 8  # per time id; 6 of them (original size, crop, target size) join the pooled text embedding
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1), cross_attention_dim=2 * width,
+        projection_class_embeddings_input_dim=width + 6 * time_dim, norm_num_groups=8)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(4, sample_size, force_upcast=True), text_encoder=tiny_clip_text(width),
+        text_encoder_2=tiny_clip_text(width, projection=width), unet=unet, scheduler=scheduler,
+        tokenizer=write_clip_tokenizer(path / "tokenizer", max_length=32),
+        tokenizer_2=write_clip_tokenizer(path / "tokenizer_2", max_length=32))
     pipe.save_pretrained(path)
     return path
 

@@ -9,8 +9,9 @@ import torch
 from shortft.backends.common import Denoiser, model_family, resolve_model
 from shortft.backends.sd import SDBackend
 from shortft.backends.sd3 import SD3Backend
+from shortft.backends.sdxl import SDXLBackend
 
-BACKENDS = {"sd": SDBackend, "sd3": SD3Backend}
+BACKENDS = {"sd": SDBackend, "sdxl": SDXLBackend, "sd3": SD3Backend}
 
 
 def load_backend(model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
@@ -18,4 +19,5 @@ def load_backend(model: str, device: str | torch.device = "cpu", dtype: torch.dt
     return BACKENDS[model_family(resolve_model(model))].load(model, device=device, dtype=dtype)
 
 
-__all__ = ["BACKENDS", "Denoiser", "SD3Backend", "SDBackend", "load_backend", "model_family", "resolve_model"]
+__all__ = ["BACKENDS", "Denoiser", "SD3Backend", "SDBackend", "SDXLBackend", "load_backend", "model_family",
+           "resolve_model"]

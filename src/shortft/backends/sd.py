@@ -67,6 +67,13 @@ class SDBackend:
             raise load_failed(model, err) from err
         device = torch.device(device)
         freeze(text_encoder, vae, unet, device=device)
+        return cls(net=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, device=device,
+                   **cls.check_scheduler(model, scheduler))
+
+    @staticmethod
+    def check_scheduler(model: str, scheduler) -> dict:
+        """The schedule fields of a UNet-family backend from the model's DDIMScheduler, refusing what the chain
+        engine does not implement."""
         sc = scheduler.config
         if sc.get("clip_sample", False) or sc.get("thresholding", False):
             raise ConfigError(f"model {model!r}: schedulers with clip_sample/thresholding are not supported by the "
@@ -75,10 +82,8 @@ class SDBackend:
             raise ConfigError(f"model {model!r}: prediction_type {sc['prediction_type']!r} is not supported "
                               "(epsilon, v_prediction)")
         ac = scheduler.alphas_cumprod.to(torch.float64)
-        final = 1.0 if sc.get("set_alpha_to_one", True) else float(ac[0])
-        return cls(net=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, alphas_cumprod=ac,
-                   final_alpha_cumprod=final, scheduler_config=dict(sc),
-                   prediction_type=sc.get("prediction_type", "epsilon"), device=device)
+        return {"alphas_cumprod": ac, "final_alpha_cumprod": 1.0 if sc.get("set_alpha_to_one", True) else float(ac[0]),
+                "scheduler_config": dict(sc), "prediction_type": sc.get("prediction_type", "epsilon")}
 
     # --- schedule -------------------------------------------------------------------------------------
     def timesteps(self, num_steps: int, spacing: str | None = None) -> list[int]:

@@ -11,6 +11,7 @@ states (zeros when the folder has no T5, as diffusers does), and both CLIPs' poo
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -44,6 +45,8 @@ class SD3Backend:
     lora_format: lora.LoraFormat = lora.SD3_LORA
     family: str = "sd3"
     sigmas: dict = field(default_factory=dict)  # timestep -> the scheduler's own σ, for every grid it made
+    t5_length: int = T5_LENGTH  # the T5 slot's sequence length (the pipeline's max_sequence_length); a model
+    # folder may set it in shortft.json (the flow world: 1)
 
     def __post_init__(self):
         if self.denoiser is None:
@@ -74,8 +77,10 @@ class SD3Backend:
                               "is not supported; SD 3 / 3.5 use a fixed shift")
         device = torch.device(device)
         freeze(*encoders, vae, net, *([t5] if t5 is not None else []), device=device)
+        extra = json.loads((where / "shortft.json").read_text()) if (where / "shortft.json").is_file() else {}
         return cls(net=net, vae=vae, text_encoders=encoders, tokenizers=tokenizers, t5=t5, t5_tokenizer=t5_tok,
-                   scheduler_config=dict(scheduler.config), device=device)
+                   scheduler_config=dict(scheduler.config), device=device,
+                   t5_length=extra.get("max_sequence_length", T5_LENGTH))
 
     # --- schedule -------------------------------------------------------------------------------------
     def timesteps(self, num_steps: int, spacing: str | None = None) -> list[float]:
@@ -114,14 +119,15 @@ class SD3Backend:
         return out.hidden_states[-2].float(), out[0].float()
 
     def encode_prompts(self, prompts: list[str]) -> dict:
-        """{"hidden": (B, 77 + 256, D_joint), "pooled": (B, P_L + P_G)}, as StableDiffusion3Pipeline."""
+        """{"hidden": (B, 77 + t5_length, D_joint), "pooled": (B, P_L + P_G)}, as StableDiffusion3Pipeline with
+        max_sequence_length = t5_length (256 unless the model folder's shortft.json says otherwise)."""
         with torch.no_grad():
             (h1, p1), (h2, p2) = self._clip(0, prompts), self._clip(1, prompts)
             width = self.net.config.joint_attention_dim
             if self.t5 is None:
-                t5 = torch.zeros(len(prompts), T5_LENGTH, width, device=self.device)
+                t5 = torch.zeros(len(prompts), self.t5_length, width, device=self.device)
             else:
-                ids = self.t5_tokenizer(prompts, padding="max_length", max_length=T5_LENGTH, truncation=True,
+                ids = self.t5_tokenizer(prompts, padding="max_length", max_length=self.t5_length, truncation=True,
                                         add_special_tokens=True, return_tensors="pt").input_ids.to(self.device)
                 t5 = self.t5(ids)[0].float()
             clip = torch.nn.functional.pad(torch.cat([h1, h2], dim=-1), (0, t5.shape[-1] - h1.shape[-1] - h2.shape[-1]))

@@ -60,6 +60,9 @@ DISTILL_PRESETS: dict[str, dict] = {
                   time_budget=3000.0, pool=1024, decay="cosine", noised_fraction=0.0, anchor_fraction=0.5,
                   save_dtype="fp16"),
 }
+# The flow world's shortcut (src/shortft/world/assets/flow-shortcut.safetensors, `--part flow_shortcut`): the
+# same recipe on flow-model/, on its 28-step grid; its time budget is what that rebuild ran (docs/world.md).
+DISTILL_PRESETS["world-flow"] = dict(DISTILL_PRESETS["world"], model="world-flow", time_budget=1800.0)
 
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}

@@ -25,11 +25,11 @@ def register(subparsers) -> None:
     pre.set_defaults(func=run_pretrain_command)
 
     ev = sub.add_parser("eval", help="prompt fidelity of real images and model samples, CLIP ranking")
-    ev.add_argument("--model", type=Path, default=None, help="diffusers folder (default: the shipped model)")
+    ev.add_argument("--model", default="world", help="world, world-flow or a diffusers folder")
     ev.add_argument("--clip", type=Path, default=None, help="CLIP folder (default: the shipped CLIP)")
     ev.add_argument("--real", type=int, default=1000, help="real images per split")
     ev.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance scale")
-    ev.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    ev.add_argument("--steps", type=int, default=0, help="sampling steps; 0 = the model's own (world 50, world-flow 28)")
     ev.add_argument("--seed", type=int, default=0, help="seed of the real images, sample noises and CLIP captions")
     ev.add_argument("--skip", nargs="*", default=[], choices=["real", "model", "clip"], help="measurements to leave out")
     ev.add_argument("--json", type=Path, default=Path("runs/world-eval.json"), help="where to write the results")

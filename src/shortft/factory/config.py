@@ -72,6 +72,22 @@ class CLIPConfig:
 
 
 @dataclass
+class FlowConfig:
+    tiny: bool = False  # tiny transformer (1 layer, width 16) for tests; the shipped one: 8 layers, width 128
+    steps: int = 4000  # optimiser steps
+    batch: int = 32  # latents per step
+    lr: float = 5e-4  # peak AdamW learning rate (after the warm-up), cosine-decayed to lr_min
+    lr_min: float = 5e-5  # learning rate at the last step
+    warmup: int = 100  # linear warm-up steps
+    text_lr_scale: float = 0.1  # CLIP-L's (the world CLIP tower's) learning rate relative to the transformer's
+    drop_caption: float = 0.1  # share of empty captions, so classifier-free guidance works
+    ema: float = 0.999  # EMA decay of the shipped weights
+    shift: float = 3.0  # the flow scheduler's shift (SD 3's), used for training times and sampling alike
+    pool: int = 10000  # train scenes encoded once up front (posterior means) that every batch is drawn from
+    checkpoint_every: int = 200  # steps between checkpoints in work_dir/flow (a rerun resumes there); 0 = never
+
+
+@dataclass
 class ShortcutConfig:
     tiny: bool = False  # a 3-step distillation of a 2-segment rank-4 LoRA (tests) instead of `shortft distill --preset world` as shipped
 
@@ -87,6 +103,7 @@ class PretrainConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)  # the UNet and its text encoder
     clip: CLIPConfig = field(default_factory=CLIPConfig)  # the CLIP preference model
     shortcut: ShortcutConfig = field(default_factory=ShortcutConfig)  # the shortcut LoRA (shortft distill)
+    flow: FlowConfig = field(default_factory=FlowConfig)  # the flow world's transformer and CLIP-L (flow-model/)
 
     @property
     def root(self) -> Path:
@@ -99,7 +116,7 @@ class PretrainConfig:
 
 
 # The parts in the order `--part all` builds them (shortft.factory.pretrain.PARTS holds their functions).
-PART_NAMES = ("tokenizer", "vae", "clip", "unet", "vae_decoder", "shortcut")
+PART_NAMES = ("tokenizer", "vae", "clip", "unet", "vae_decoder", "shortcut", "flow", "flow_shortcut")
 
 PRETRAIN_PRESETS: dict[str, dict] = {
     "shipped": {},  # the defaults above: the recipe of the shipped assets
@@ -111,10 +128,12 @@ PRETRAIN_PRESETS: dict[str, dict] = {
         "unet.checkpoint_every": 0,
         "clip.tiny": True, "clip.steps": 4, "clip.batch": 8, "clip.warmup": 1,
         "shortcut.tiny": True,
+        "flow.tiny": True, "flow.steps": 4, "flow.batch": 4, "flow.pool": 16, "flow.warmup": 1,
+        "flow.checkpoint_every": 0,
     },
 }
 
-_AT_LEAST_ONE = {"batch", "pool", "scale_images"}
+_AT_LEAST_ONE = {"batch", "pool", "scale_images", "shift"}
 _FRACTIONS = {"random_colour", "drop_caption", "ema"}
 
 

@@ -13,7 +13,7 @@ import torch
 from shortft.errors import MissingFileError
 from shortft.factory.clip import image_features, text_features
 from shortft.factory.tokenizer import tokenize
-from shortft.world import WORLD_CLIP, WORLD_MODEL
+from shortft.world import WORLD_CLIP
 from shortft.world.evaluator import prompt_fidelity
 from shortft.world.scenes import (
     ALTERNATIVES,
@@ -44,43 +44,33 @@ def _folder(path: Path | str | None, default: Path, what: str) -> str:
     return str(folder)
 
 
-def load_pipeline(model: Path | str | None = None):
-    """The stock StableDiffusionPipeline of `model` (default: the shipped world model) in fp32, with DDIM."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline.from_pretrained(
-        _folder(model, WORLD_MODEL, "model"), safety_checker=None, requires_safety_checker=False,
-        torch_dtype=torch.float32,
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @torch.no_grad()
-def generate(pipe, prompts: list[str], steps: int = 50, cfg_scale: float = 5.0, seed: int = 0,
-             batch: int = 32) -> torch.Tensor:
-    """(N, 3, 64, 64) in [0, 1]; image i uses noise seeded by (seed, i) so results do not depend on batch."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i : i + batch]
-        gens = [torch.Generator().manual_seed(seed * 100_003 + i + j) for j in range(len(chunk))]
-        img = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg_scale, generator=gens, height=64, width=64,
-                   output_type="pt").images
-        out.append(img.float().clamp(0, 1))
-    return torch.cat(out)
+def generate(backend, prompts: list[str], steps: int, cfg_scale: float, seed: int = 0, batch: int = 32) -> torch.Tensor:
+    """(N, 3, 64, 64) in [0, 1] of the model's own chain (its family's stock sampler, through the engine);
+    image i's noise is seeded by (seed, i), as a stock pipeline given one generator per image draws it."""
+    from shortft.chain import sampling_plan
+    from shortft.sample import generate as sample
+
+    plan = sampling_plan(backend.timesteps(steps), lambda i: (), cfg_scale)
+    return sample(backend, plan, prompts, [seed * 100_003 + i for i in range(len(prompts))], batch_size=batch)
 
 
-def model_fidelity(model=None, steps: int = 50, cfg_scale: float = 5.0, seed: int = 0) -> dict:
-    """Evaluator fidelity of one sample per held-out and per train prompt, and the time of 8 samples."""
-    pipe = load_pipeline(model)
+def model_fidelity(model: str = "world", steps: int = 0, cfg_scale: float = 5.0, seed: int = 0) -> dict:
+    """Evaluator fidelity of one sample per held-out and per train prompt, and the time of 8 samples.
+    `model`: "world", "world-flow" or a model folder; steps 0 = the model's own (50 DDIM, 28 flow)."""
+    from shortft.backends import load_backend
+    from shortft.config import TRAIN_PRESETS, TrainConfig, default_preset
+
+    backend = load_backend(str(model))
+    steps = steps or TRAIN_PRESETS[default_preset(str(model))].get("num_steps", TrainConfig.num_steps)
     out = {}
     for split in ("heldout", "train"):
         prompts = prompt_split(split)
-        out[split] = prompt_fidelity(generate(pipe, prompts, steps, cfg_scale, seed), prompts)
+        out[split] = prompt_fidelity(generate(backend, prompts, steps, cfg_scale, seed), prompts)
     t = time.time()
-    generate(pipe, prompt_split("heldout")[:8], steps, cfg_scale, seed, batch=8)
+    generate(backend, prompt_split("heldout")[:8], steps, cfg_scale, seed, batch=8)
     out["seconds_for_8_images"] = time.time() - t
+    out["steps"] = steps
     return out
 
 
@@ -127,11 +117,11 @@ def clip_ranking(clip: Path | str | None = None, n: int = 300, seed: int = 0, sp
     return out
 
 
-def evaluate(model=None, clip=None, n_real: int = 1000, cfg_scale: float = 5.0, steps: int = 50, seed: int = 0,
-             skip: set[str] = frozenset()) -> dict:
+def evaluate(model: str = "world", clip=None, n_real: int = 1000, cfg_scale: float = 5.0, steps: int = 0,
+             seed: int = 0, skip: set[str] = frozenset()) -> dict:
     """Every measurement not in `skip` ("real", "model", "clip"), with the settings used."""
-    res: dict = {"settings": dict(n_real=n_real, cfg_scale=cfg_scale, steps=steps, seed=seed,
-                                  model=str(model or WORLD_MODEL), clip=str(clip or WORLD_CLIP))}
+    res: dict = {"settings": dict(n_real=n_real, cfg_scale=cfg_scale, steps=steps, seed=seed, model=str(model),
+                                  clip=str(clip or WORLD_CLIP))}
     if "real" not in skip:
         res["real"] = real_fidelity(n_real, seed)
     if "model" not in skip:
@@ -151,7 +141,7 @@ def format_table(res: dict) -> str:
             if isinstance(acc, dict):
                 lines.append(f"| {kind} | {split} | " + " | ".join(f"{acc[c]:.3f}" for c in cols) + " |")
     if "model" in res:
-        lines.append(f"\nmodel: 8 images, DDIM {res['settings']['steps']}, CFG {res['settings']['cfg_scale']}: "
+        lines.append(f"\nmodel: 8 images, {res['model']['steps']} steps, CFG {res['settings']['cfg_scale']}: "
                      f"{res['model']['seconds_for_8_images']:.2f} s")
     for split in ("train", "heldout"):
         if f"clip_ranking_{split}" in res:

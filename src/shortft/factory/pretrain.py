@@ -18,6 +18,7 @@ from shortft.errors import ConfigError
 from shortft.factory.clip import pretrain_clip
 from shortft.factory.common import require
 from shortft.factory.config import PART_NAMES, PretrainConfig
+from shortft.factory.flow import pretrain_flow
 from shortft.factory.tokenizer import build_tokenizers
 from shortft.factory.unet import pretrain_unet
 from shortft.factory.vae import pretrain_vae, pretrain_vae_decoder
@@ -26,18 +27,26 @@ from shortft.factory.vae import pretrain_vae, pretrain_vae_decoder
 TINY_SHORTCUT = dict(num_steps=10, segments=2, batch_size=2, rank=4, pool=4, steps=3, time_budget=0)
 
 
-def pretrain_shortcut(cfg: PretrainConfig) -> Path:
-    """The world's 4-segment shortcut: `shortft distill --preset world` (the recipe of the shipped file,
-    docs/distill.md) on the model just built, written as cfg.root/shortcut.safetensors (fp16)."""
+def distill_part(cfg: PretrainConfig, model: str, preset: str, out: str, part: str) -> Path:
+    """`shortft distill --preset PRESET` on the model folder just built, written as cfg.root/OUT (fp16)."""
     from shortft.config import build
     from shortft.distill import DISTILL_PRESETS, DistillConfig, distill
 
-    require(cfg.root / "model" / "unet", "unet")
-    overrides = {"model": str(cfg.root / "model"), "out": str(cfg.root / "shortcut.safetensors"),
-                 "work_dir": str(cfg.work / "shortcut"), "seed": cfg.seed}
+    overrides = {"model": str(require(cfg.root / model, part)), "out": str(cfg.root / out),
+                 "work_dir": str(cfg.work / out.removesuffix(".safetensors")), "seed": cfg.seed}
     if cfg.shortcut.tiny:
         overrides.update(TINY_SHORTCUT)
-    return distill(build(DistillConfig, DISTILL_PRESETS, "world", overrides=overrides))
+    return distill(build(DistillConfig, DISTILL_PRESETS, preset, overrides=overrides))
+
+
+def pretrain_shortcut(cfg: PretrainConfig) -> Path:
+    """The world's 4-segment shortcut: the recipe of the shipped file (docs/distill.md) on model/."""
+    return distill_part(cfg, "model", "world", "shortcut.safetensors", "unet")
+
+
+def pretrain_flow_shortcut(cfg: PretrainConfig) -> Path:
+    """The flow world's 4-segment shortcut on flow-model/ (docs/world.md)."""
+    return distill_part(cfg, "flow-model", "world-flow", "flow-shortcut.safetensors", "flow")
 
 
 PARTS = {  # in the order of PART_NAMES
@@ -47,6 +56,8 @@ PARTS = {  # in the order of PART_NAMES
     "unet": pretrain_unet,
     "vae_decoder": pretrain_vae_decoder,
     "shortcut": pretrain_shortcut,
+    "flow": pretrain_flow,
+    "flow_shortcut": pretrain_flow_shortcut,
 }
 
 

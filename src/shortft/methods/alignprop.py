@@ -6,6 +6,9 @@ Every step runs with gradient checkpointing. A truncation point is drawn once pe
 fixed at the last step): steps before it compute ε̂ without gradient, but the latents are never
 detached, so the gradient still flows along the √ᾱ x_t path. Drawing a new cut at every step (as the
 AlignProp repository once did, and TRL's copy of it) is a known bug and not reproduced.
+
+Flow models: "the model output without gradient, the latents kept" is the same rule; the path the
+gradient keeps is then the identity term of the Euler step x + (σ' - σ) v (coefficient 1, not √ᾱ'/√ᾱ).
 """
 
 from __future__ import annotations

@@ -87,17 +87,17 @@ class Method:
 
 
 def shortcut_file(cfg) -> str:
-    """The shortcut LoRA a config names: its `shortcut`, or for "" the embedded world's shipped one (the
-    config keeps "", so a run folder names the shipped file, not where this install put it)."""
+    """The shortcut LoRA a config names: its `shortcut`, or for "" the embedded model's shipped one (the config
+    keeps "", so a run folder names the shipped file, not where this install put it)."""
+    from shortft.world import SHIPPED_SHORTCUTS
+
     if cfg.shortcut:
         return cfg.shortcut
-    if cfg.model != "world":
+    if cfg.model not in SHIPPED_SHORTCUTS:
         raise ConfigError(f"method {cfg.method!r} needs a shortcut LoRA for {cfg.model!r}: pass --shortcut "
                           "(e.g. ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors) or make one with "
                           "`shortft distill`")
-    from shortft.world import WORLD_SHORTCUT
-
-    return str(WORLD_SHORTCUT)
+    return str(SHIPPED_SHORTCUTS[cfg.model])
 
 
 def load_shortcut(backend, cfg) -> None:

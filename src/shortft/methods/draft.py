@@ -8,6 +8,10 @@ the rewards of all copies (lower-variance estimate of the last step's gradient).
 
 Defaults (PAPER.md sec. 3): CFG 7.5 on SD 1.5, AdamW with weight decay 0.1 (the config's `guidance`,
 `weight_decay`); K = `draft_k`, n = `lv_copies` = 2.
+
+Flow models: DRaFT re-noises with the DDPM forward process √ᾱ x0 + √(1-ᾱ) ε. The same step here is the
+family's own forward process x_t = a(t) x0 + b(t) ε (backend.coefficients), so on a rectified-flow model
+the copies are (1-σ) x0 + σ ε at the last step's σ: the state that step sees on a straight path.
 """
 
 from __future__ import annotations

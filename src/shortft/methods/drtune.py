@@ -4,6 +4,9 @@ The UNet input is detached at every step, so the gradient reaches early steps on
 √ᾱ x_t term. Only K = `drtune_k` equally spaced steps (random offset) run with gradient; sampling stops
 early at a random step among the last M = `drtune_m`, and the reward scores that step's x̂0.
 K and M follow a public reimplementation; the paper's exact values are unverified (PAPER.md sec. 3).
+
+Flow models: the model input is detached the same way; the linear term through which early steps get
+gradient is then x itself in x + (σ' - σ) v, and the early stop scores x̂0 = x - σ v.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Generation", NeurIPS 2023.
 Run without gradient to a random late step, take one step with gradient that predicts x̂0 directly,
 and score x̂0. ImageReward draws the step among steps 30..39 of 40; here among the last `refl_window`
 steps of the chain (10 of 40 there).
+
+Flow models: x̂0 is the flow's clean estimate x - σ v (the same jump to t' = X0, a = 1, b = 0).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Fine-tune the few-step shortcut model itself (ShortFT paper, Table 2: "fine-tune Hyper-SD").
 
 A LoRA is trained on top of the frozen shortcut adapter and the model samples with the shortcut's own
-k-step schedule (DDIM "trailing" spacing, e.g. 999, 749, 499, 249), every step with full gradient.
+k-step schedule (DDIM "trailing" spacing, e.g. 999, 749, 499, 249; on a flow model its k-step grid, which
+starts at σ = 1), every step with full gradient.
 The paper finds this worse than ShortFT on the base model (32.92 vs 35.97 HPS v2); this variant lets
 the comparison be rerun.
 """

@@ -20,6 +20,10 @@ trains lora<i>..lora<k>. Segments 1..i run the original chain; the graph starts 
 the graph (7-8: the paper's "about 7-8 steps"); stage i >= 2 holds 1 + 2 (k - i); stage k is one step.
 
 Ablations: `tlora=false` uses one LoRA at every step; `progressive=false` keeps the stage-1 chain.
+
+Flow models (SD 3): the segments come from the flow schedule (28 steps, k = 4: 7 steps each); a shortcut
+jump is one step of the shortcut's velocity, x + (σ' - σ) v, exact like the DDIM move; Hyper-SD3's CFG LoRAs
+run at `shortcut_guidance` 3 and `shortcut_scale` 0.125 (the sd3 / sd35 presets).
 """
 
 from __future__ import annotations
