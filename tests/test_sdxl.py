@@ -16,8 +16,9 @@ from shortft.backends import SDXLBackend, load_backend, model_family
 from shortft.bench import chain_scaled
 from shortft.chain import sampling_plan
 from shortft.cli import main
-from shortft.config import build_config, default_preset
+from shortft.config import build_config
 from shortft.methods import METHODS
+from shortft.presets import default_preset
 from shortft.sample import TimestepLoRASwitch, generate, load_run
 from shortft.testing import make_tiny_lora, make_tiny_sdxl
 from shortft.train import build_model, train

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shortft import config
 from shortft.errors import TrainingStopped, UserError
+from shortft.presets import TRAIN_PRESETS
 
 
 def registry_help() -> dict[str, str]:
@@ -28,7 +29,7 @@ def registry_help() -> dict[str, str]:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="align a model with a reward (default: ShortFT on the embedded world)",
                        description="Train LoRA adapters by backpropagating a reward through the denoising chain.")
-    p.add_argument("--preset", choices=list(config.TRAIN_PRESETS),
+    p.add_argument("--preset", choices=list(TRAIN_PRESETS),
                    help="defaults to 'world' for --model world, else 'sd15'")
     p.add_argument("--config", help="YAML file of config keys")
     config.add_arguments(p, config.TrainConfig, registry_help())

@@ -4,8 +4,19 @@ test models' (the 512 byte symbols only, no merges)."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
+
+N_MERGES = 49152 - 256 - 2  # CLIP's merge count: 48,894 (the vocabulary is 512 byte tokens + merges + 2 specials)
+
+
+def clip_merges() -> list[tuple[str, str]]:
+    """CLIP's BPE merges, in rank order, from the vocabulary file that ships inside open_clip."""
+    import open_clip
+
+    lines = gzip.open(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read().decode().split("\n")
+    return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a version header
 
 
 def byte_symbols() -> list[str]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from shortft.errors import ConfigError
+from shortft.presets import TRAIN_PRESETS, default_preset
 
 
 # --- the machinery ---------------------------------------------------------------------------------------------
@@ -226,6 +227,12 @@ class TrainConfig:
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # storage dtype of the frozen weights; auto = fp16 on a GPU, else fp32
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"  # accelerate autocast; auto = fp16 on a GPU, else no (LoRAs stay fp32)
     cpu: bool = False  # force the CPU even where a GPU is present
+    resolution: int = 0  # image side in pixels; 0 = the model's own (SD 1.5 512, SDXL and SD 3 1024)
+    # --- memory levers (each leaves the gradient as it is, to float precision) ---------------------------------
+    vae_checkpoint: bool = False  # recompute the VAE decoder's activations in backward: most of the peak at 512-1024 px, for about one more decode per step
+    vae_slicing: bool = False  # decode the batch one image at a time: the decoder's peak of one image instead of the batch's, a little slower
+    checkpoint_calls: bool = False  # recompute every in-graph network call in backward (ShortFT's too; the paper needs none): less memory for about one more forward per call
+    reward_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"  # reward model weights; fp16/bf16 halve their memory on a GPU (scores and gradients change at that precision)
     # --- method -------------------------------------------------------------------------------------------
     method: str = "shortft"  # the fine-tuning method
     num_steps: int = 50  # DDIM sampling steps of the original chain (the paper: 50)
@@ -273,60 +280,6 @@ class TrainConfig:
     resume: str = ""  # run folder to continue from its latest checkpoint
 
 
-TRAIN_PRESETS: dict[str, dict] = {
-    # The embedded world on a laptop CPU: the zero-argument `shortft train`. Its shortcut is distilled
-    # with a CFG-5 student (docs/distill.md), so its shortcut steps run CFG 5 too.
-    "world": {"shortcut_guidance": 5.0},
-    # The embedded flow world (SD 3 format) on a laptop CPU: 28 steps, SD 3's default; otherwise as the world.
-    "world-flow": {"model": "world-flow", "num_steps": 28, "shortcut_guidance": 5.0},
-    # Stable Diffusion 1.5 as in the paper (GPU): Hyper-SD 4-step LoRA as the shortcut, HPS v2 reward.
-    "sd15": dict(model="runwayml/stable-diffusion-v1-5",
-                 shortcut="ByteDance/Hyper-SD/Hyper-SD15-4steps-lora.safetensors",
-                 guidance=7.5, lora_rank=128, lora_alpha=128.0, reward="hpsv2", prompts="simple-animals",
-                 eval_prompts="simple-animals", eval_count=8, max_steps=2000, batch_size=2, lr=1e-4,
-                 grid_every=100, checkpoint_every=100),
-}
-TRAIN_PRESETS["sd15-tiny"] = {**TRAIN_PRESETS["sd15"], "max_steps": 10}  # a quick end-to-end check on one GPU
-# Stable Diffusion 3 Medium (GPU). 28 steps and CFG 7.0: its model card's example. Shortcut: Hyper-SD's 4-step
-# CFG LoRA for SD 3 at the scale (0.125) and guidance (3.0 at 4 steps) its model card recommends. HPS v2.1:
-# what the flow-matching reward work (FlowBP, LeapAlign) reports. Rank 32: the paper gives no rank for its
-# SD 3 run; 128 (its SD 1.5 rank) on the twelve attention and feed-forward layers of both streams of every
-# joint block would make each stacked LoRA several hundred MB. lr 1e-4 as the SD 1.5 preset.
-TRAIN_PRESETS["sd3"] = dict(TRAIN_PRESETS["sd15"], model="stabilityai/stable-diffusion-3-medium-diffusers",
-                            shortcut="ByteDance/Hyper-SD/Hyper-SD3-4steps-CFG-lora.safetensors", shortcut_scale=0.125,
-                            shortcut_guidance=3.0, num_steps=28, guidance=7.0, lora_rank=32, lora_alpha=32.0,
-                            reward="hpsv2.1", batch_size=1)
-# Stable Diffusion 3.5 Medium: 40 steps and CFG 4.5, its model card's example; otherwise as sd3.
-TRAIN_PRESETS["sd35"] = dict(TRAIN_PRESETS["sd3"], model="stabilityai/stable-diffusion-3.5-medium", num_steps=40,
-                             guidance=4.5)
-# SDXL base (GPU): 1024 px (its UNet's sample size), 50 steps and CFG 5.0 (StableDiffusionXLPipeline's
-# defaults); shortcut: Hyper-SD's 4-step SDXL LoRA (distilled for CFG 0, like the SD 1.5 one, so its jumps run
-# conditional-only). Rank 64: the paper publishes no SDXL rank; half its SD 1.5 rank keeps four stacked LoRAs
-# of SDXL's larger UNet near the SD 1.5 preset's memory. lr 1e-4 as the SD 1.5 preset; HPS v2.1 as DRTune's
-# SDXL runs (its "FDXL") report.
-TRAIN_PRESETS["sdxl"] = dict(TRAIN_PRESETS["sd15"], model="stabilityai/stable-diffusion-xl-base-1.0",
-                             shortcut="ByteDance/Hyper-SD/Hyper-SDXL-4steps-lora.safetensors", guidance=5.0,
-                             lora_rank=64, lora_alpha=64.0, reward="hpsv2.1", batch_size=1)
-FAMILY_PRESETS = {"sd": "sd15", "sdxl": "sdxl", "sd3": "sd3"}  # the preset of a model of that family
-
-
-def default_preset(model: str) -> str:
-    """The preset a model gets when none is named: the world's for the world, else its family's (SD 3.5 for
-    an SD 3 model whose name says 3.5). A model that cannot be found gets SD 1.5's (loading it will say why)."""
-    if model in ("world", "world-flow"):
-        return model
-    from shortft.backends.common import model_family, resolve_model
-    from shortft.errors import UserError
-
-    try:
-        family = model_family(resolve_model(model))
-    except UserError:
-        return "sd15"
-    if family == "sd3" and "3.5" in model:
-        return "sd35"
-    return FAMILY_PRESETS[family]
-
-
 def build_config(preset: str | None = None, file: str | None = None, overrides: dict | None = None) -> TrainConfig:
     """Compose preset, file and overrides into a validated TrainConfig. With `resume` (and no file) the run
     folder's own config.yaml is the base, so `shortft train --resume RUN_DIR` needs nothing else."""
@@ -354,7 +307,8 @@ def validate(cfg: TrainConfig) -> None:
                 "checkpoint_every", "log_every", "max_skipped_steps"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be >= 1, got {getattr(cfg, key)}")
-    for key in ("guidance", "shortcut_guidance", "lr", "time_budget", "max_grad_norm", "reg_weight", "weight_decay"):
+    for key in ("guidance", "shortcut_guidance", "lr", "time_budget", "max_grad_norm", "reg_weight", "weight_decay",
+                "resolution"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     METHODS[cfg.method].check(cfg)

@@ -51,6 +51,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu"):
     meta = run_metadata_of(run_dir)
     cfg = from_dict(TrainConfig, meta["config"])
     backend = load_backend(cfg.model, device=device)
+    backend.resolution = cfg.resolution  # sample at the resolution the run trained at
     for name in meta["adapters"]:
         lora.load_lora(backend.net, run_dir / "lora" / f"{name}.safetensors", name, fmt=backend.lora_format)
     method = METHODS[cfg.method](cfg)

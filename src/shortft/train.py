@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -20,15 +19,15 @@ import torch
 
 from shortft import files, lora
 from shortft.config import TrainConfig, to_dict
-from shortft.errors import TrainingStopped, UserError
+from shortft.errors import MissingFileError, TrainingStopped
 from shortft.methods import METHODS, Method, Rollout
 from shortft.methods.base import shortcut_file
 from shortft.prompts import load_prompts
-from shortft.sample import generate, run_metadata
+from shortft.run_folder import load_checkpoint, save_checkpoint, save_loras, write_config
+from shortft.sample import generate
 from shortft.stopping import EXIT_STATUS, StopSignal
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-KEEP_CHECKPOINTS = 2  # the newest ones are kept; older ones are deleted after each save
 
 
 @dataclass
@@ -80,6 +79,10 @@ def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
     from shortft.backends import load_backend
 
     backend = load_backend(cfg.model, device=device, dtype=precision(cfg)[0])
+    backend.resolution, backend.vae_slicing = cfg.resolution, cfg.vae_slicing
+    backend.denoiser.checkpoint_all = cfg.checkpoint_calls
+    if cfg.vae_checkpoint:
+        backend.vae.enable_gradient_checkpointing()
     method = METHODS[cfg.method](cfg)
     method.setup(backend)
     return backend, method
@@ -88,7 +91,7 @@ def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
 def build_reward_fn(cfg: TrainConfig, device):
     from shortft.rewards import CheckedReward, RewardSettings, build_regularised_reward, build_reward, parse_paths
 
-    settings = RewardSettings(device=device, paths=parse_paths(cfg.reward_paths))
+    settings = RewardSettings(device=device, dtype=DTYPES[cfg.reward_dtype], paths=parse_paths(cfg.reward_paths))
     reward = build_reward(cfg.reward, settings)
     if cfg.reg_weight:
         reward = build_regularised_reward(reward, cfg.reg_weight, settings)
@@ -109,62 +112,6 @@ def make_rollout(cfg: TrainConfig, backend, prompts: list[str], reward, step: in
     x_T = torch.randn(backend.latent_shape(cfg.batch_size), generator=gen).to(backend.device)
     cond, uncond = backend.encode_prompts(batch), backend.encode_prompts([""] * cfg.batch_size)
     return Rollout(backend, batch, cond, uncond, x_T, reward, gen), rng
-
-
-# --- checkpoints --------------------------------------------------------------------------------------------
-def checkpoint_folders(run_dir: Path) -> list[Path]:
-    """The run's checkpoint folders, oldest first (half-written `.tmp` folders are not checkpoints)."""
-    return sorted(p for p in (run_dir / "checkpoints").glob("step-*") if not p.name.endswith(".tmp"))
-
-
-def save_checkpoint(run_dir: Path, unet, method: Method, optimizer, state: dict) -> Path:
-    """Adapters (exact tensors), optimizer and loop state; the newest KEEP_CHECKPOINTS are kept. A write that
-    fails (disk full, folder not writable) leaves the previous checkpoints as they were."""
-    tensors = {n: p for n, p in unet.named_parameters() if any(f".{a}." in n for a in method.adapter_names())}
-    folder = run_dir / "checkpoints" / f"step-{state['step']:07d}"
-    try:
-        files.save_checkpoint(folder, tensors, state, optimizer.state_dict())
-    except OSError as err:
-        previous = checkpoint_folders(run_dir)
-        raise UserError(f"cannot write checkpoint {folder} ({err.strerror or err}); "
-                        + (f"the previous one, {previous[-1]}, is intact" if previous else "no earlier checkpoint")
-                        ) from err
-    for old in checkpoint_folders(run_dir)[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old)
-    return folder
-
-
-def load_checkpoint(run_dir: Path, unet, optimizer) -> dict | None:
-    """Restore the newest complete checkpoint of `run_dir` and return its loop state; a damaged one is named
-    and skipped for the one before it. None when there is none yet (the run restarts at step 0, which is
-    exactly where it was)."""
-    for folder in reversed(checkpoint_folders(run_dir)):
-        try:
-            tensors, state, opt_state = files.load_checkpoint(folder)
-        except files.CorruptCheckpoint as err:
-            print(f"shortft: skipping {err}")
-            continue
-        params = dict(unet.named_parameters())
-        for name, value in tensors.items():
-            params[name].data.copy_(value)
-        optimizer.load_state_dict(opt_state)
-        print(f"shortft: resuming {run_dir} at step {state['step']} ({folder.name})")
-        return state
-    print(f"shortft: no checkpoint in {run_dir / 'checkpoints'} yet; starting at step 0")
-    return None
-
-
-def write_config(run_dir: Path, cfg: TrainConfig) -> None:
-    import yaml
-
-    files.write_text(run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-
-
-def save_loras(run_dir: Path, backend, method: Method, cfg: TrainConfig) -> None:
-    """The deliverable: one diffusers LoRA file per adapter (the family's format) plus the per-timestep schedule."""
-    for name in method.adapter_names():
-        lora.save_lora(backend.net, name, run_dir / "lora" / f"{name}.safetensors", fmt=backend.lora_format)
-    files.write_json(run_dir / "lora" / "shortft.json", run_metadata(method, to_dict(cfg)))
 
 
 # --- evaluation on fixed prompts and seeds ------------------------------------------------------------------
@@ -261,6 +208,8 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
     from shortft.images import save_grid
 
     prompts, eval_prompts = load_prompts(cfg.prompts), load_prompts(cfg.eval_prompts)[: cfg.eval_count]  # fail early
+    if cfg.resume and not Path(cfg.resume).is_dir():
+        raise MissingFileError(f"--resume {cfg.resume!r}: no such run folder")
     run_dir = Path(cfg.resume or cfg.run_dir or f"runs/{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}")
     accelerator = build_accelerator(cfg)
     is_main = accelerator.is_main_process

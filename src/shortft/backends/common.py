@@ -74,10 +74,11 @@ class Denoiser(torch.nn.Module):
         super().__init__()
         self.net = net
         self.dtype = net.dtype  # read once: diffusers computes it by walking the model on every access
+        self.checkpoint_all = False  # TrainConfig.checkpoint_calls: recompute every in-graph call in backward
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict, adapters: Adapters,
                 checkpoint: bool = False) -> torch.Tensor:
-        if checkpoint:
+        if checkpoint or (self.checkpoint_all and torch.is_grad_enabled()):
             # The recomputation in backward runs _run again, which re-activates *this* step's adapters.
             return torch.utils.checkpoint.checkpoint(self._run, x, t, cond, adapters, use_reentrant=False)
         return self._run(x, t, cond, adapters)
@@ -89,3 +90,30 @@ class Denoiser(torch.nn.Module):
 
     def call(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError
+
+
+class Latents:
+    """What the backends share about latents and images (a mixin over `net`, `vae`, `resolution`,
+    `vae_slicing`): the latent shape at the run's resolution and the differentiable VAE decode."""
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def image_size(self) -> int:
+        """The image side in pixels: the run's `resolution`, or the model's own (its network's sample size)."""
+        return self.resolution or self.net.config.sample_size * self.vae_scale
+
+    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
+        side = self.image_size // self.vae_scale
+        return (batch, self.net.config.in_channels, side, side)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) latents -> (B, 3, H, W) images in [0, 1], differentiable w.r.t. the latents (one image
+        at a time with `vae_slicing`: the decoder's activation peak of one image, the same result)."""
+        c = self.vae.config
+        z = (latents / c.scaling_factor + (c.get("shift_factor") or 0.0)).to(next(self.vae.parameters()).dtype)
+        parts = z.split(1) if self.vae_slicing else [z]
+        img = torch.cat([self.vae.decode(part).sample for part in parts]).float()
+        return (img / 2 + 0.5).clamp(0, 1)

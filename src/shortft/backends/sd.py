@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from shortft import lora
-from shortft.backends.common import Denoiser, freeze, load_failed, resolve_model
+from shortft.backends.common import Denoiser, Latents, freeze, load_failed, resolve_model
 from shortft.errors import ConfigError
 
 
@@ -30,7 +30,7 @@ class UNetDenoiser(Denoiser):
 
 
 @dataclass
-class SDBackend:
+class SDBackend(Latents):
     """Frozen SD components plus the denoiser; LoRA adapters live on `net` (the UNet)."""
 
     net: torch.nn.Module  # UNet2DConditionModel (carries all adapters)
@@ -45,6 +45,8 @@ class SDBackend:
     denoiser: torch.nn.Module | None = None  # UNetDenoiser(net), replaced by accelerate's prepared wrapper
     lora_format: lora.LoraFormat = lora.SD_LORA  # how this family's LoRA files look
     family: str = "sd"
+    resolution: int = 0  # image side in pixels; 0 = the model's own (TrainConfig.resolution)
+    vae_slicing: bool = False  # decode one image at a time (TrainConfig.vae_slicing)
 
     def __post_init__(self):
         if self.denoiser is None:
@@ -109,14 +111,6 @@ class SDBackend:
         return a**0.5, (1 - a) ** 0.5
 
     # --- model ----------------------------------------------------------------------------------------
-    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        c = self.net.config
-        return (batch, c.in_channels, c.sample_size, c.sample_size)
-
-    @property
-    def image_size(self) -> int:
-        return self.net.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def encode_prompts(self, prompts: list[str]) -> dict:
         """(B,) prompts -> {"hidden": (B, L, D)} last hidden states, padded to max length as the SD pipeline does."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
@@ -134,9 +128,3 @@ class SDBackend:
         a, b = self.coefficients(t)
         eps = a * out + b * x if self.prediction_type == "v_prediction" else out
         return (x - b * eps) / a, eps
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, 4, h, w) latents -> (B, 3, H, W) images in [0, 1]; differentiable w.r.t. the latents."""
-        vae_dtype = next(self.vae.parameters()).dtype
-        img = self.vae.decode((latents / self.vae.config.scaling_factor).to(vae_dtype)).sample.float()
-        return (img / 2 + 0.5).clamp(0, 1)

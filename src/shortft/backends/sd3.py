@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shortft import lora
-from shortft.backends.common import Denoiser, freeze, load_failed, resolve_model
+from shortft.backends.common import Denoiser, Latents, freeze, load_failed, resolve_model
 from shortft.errors import ConfigError
 
 T5_LENGTH = 256  # max_sequence_length of StableDiffusion3Pipeline
@@ -30,7 +30,7 @@ class TransformerDenoiser(Denoiser):
 
 
 @dataclass
-class SD3Backend:
+class SD3Backend(Latents):
     """Frozen SD 3 components plus the denoiser; LoRA adapters live on `net` (the transformer)."""
 
     net: torch.nn.Module  # SD3Transformer2DModel (carries all adapters)
@@ -45,6 +45,8 @@ class SD3Backend:
     lora_format: lora.LoraFormat = lora.SD3_LORA
     family: str = "sd3"
     sigmas: dict = field(default_factory=dict)  # timestep -> the scheduler's own σ, for every grid it made
+    resolution: int = 0  # image side in pixels; 0 = the model's own (TrainConfig.resolution)
+    vae_slicing: bool = False  # decode one image at a time (TrainConfig.vae_slicing)
     t5_length: int = T5_LENGTH  # the T5 slot's sequence length (the pipeline's max_sequence_length); a model
     # folder may set it in shortft.json (the flow world: 1)
 
@@ -102,14 +104,6 @@ class SD3Backend:
         return 1.0 - sigma, sigma
 
     # --- model ----------------------------------------------------------------------------------------
-    def latent_shape(self, batch: int) -> tuple[int, int, int, int]:
-        c = self.net.config
-        return (batch, c.in_channels, c.sample_size, c.sample_size)
-
-    @property
-    def image_size(self) -> int:
-        return self.net.config.sample_size * 2 ** (len(self.vae.config.block_out_channels) - 1)
-
     def _clip(self, i: int, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP i's penultimate hidden states (B, 77, D_i) and pooled projection (B, P_i)."""
         tok = self.tokenizers[i]
@@ -143,10 +137,3 @@ class SD3Backend:
         """(x̂0, ε̂) = (x - σ v, x + (1 - σ) v)."""
         sigma = self.coefficients(t)[1]
         return x - sigma * out, x + (1 - sigma) * out
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, 16, h, w) latents -> (B, 3, H, W) images in [0, 1]; differentiable w.r.t. the latents."""
-        c = self.vae.config
-        vae_dtype = next(self.vae.parameters()).dtype
-        img = self.vae.decode((latents / c.scaling_factor + (c.shift_factor or 0.0)).to(vae_dtype)).sample.float()
-        return (img / 2 + 0.5).clamp(0, 1)

@@ -217,7 +217,8 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks: per-method efficiency, equal-budget method comparison",
                        description=__doc__.splitlines()[0])
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCH", required=True)
-    from shortft.bench import compare, efficiency
+    from shortft.bench import compare, efficiency, faults
 
     efficiency.add_parser(bsub)
     compare.add_parser(bsub)
+    faults.add_parser(bsub)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shortft.config import TRAIN_PRESETS, TrainConfig, coerce, default_preset, to_dict
+from shortft.config import TrainConfig, coerce, to_dict
 from shortft.errors import ConfigError
+from shortft.presets import TRAIN_PRESETS, default_preset
 
 STUDENT = "shortcut"  # the adapter being trained; ShortFT loads the output file under this name
 # targets="all" adds these UNet layers to the family's attention + feed-forward ones: the CFG-free student must

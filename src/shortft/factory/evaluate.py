@@ -59,7 +59,8 @@ def model_fidelity(model: str = "world", steps: int = 0, cfg_scale: float = 5.0,
     """Evaluator fidelity of one sample per held-out and per train prompt, and the time of 8 samples.
     `model`: "world", "world-flow" or a model folder; steps 0 = the model's own (50 DDIM, 28 flow)."""
     from shortft.backends import load_backend
-    from shortft.config import TRAIN_PRESETS, TrainConfig, default_preset
+    from shortft.config import TrainConfig
+    from shortft.presets import TRAIN_PRESETS, default_preset
 
     backend = load_backend(str(model))
     steps = steps or TRAIN_PRESETS[default_preset(str(model))].get("num_steps", TrainConfig.num_steps)

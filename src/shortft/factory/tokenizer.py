@@ -3,23 +3,12 @@ and saved as a transformers CLIPTokenizer, so its ids equal `open_clip.tokenize`
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import torch
 
-from shortft.clip_vocab import write_clip_tokenizer
+from shortft.clip_vocab import clip_merges, write_clip_tokenizer
 from shortft.world.scenes import MAX_TOKENS
-
-N_MERGES = 49152 - 256 - 2  # CLIP's merge count: 48,894 (the vocabulary is 512 byte tokens + merges + 2 specials)
-
-
-def clip_merges() -> list[tuple[str, str]]:
-    """CLIP's BPE merges, in rank order, from the vocabulary file that ships inside open_clip."""
-    import open_clip
-
-    lines = gzip.open(Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz").read().decode().split("\n")
-    return [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a version header
 
 
 def build_tokenizer(folder: Path):
