@@ -162,12 +162,16 @@ def test_plan_interleaves_variants_and_rotates_their_order(tmp_path):
     assert [r["variant"] for r in compare.plan_runs(["shortcut-ft"], ["r1"], 1, ["time"], 4.0, 100, [], tmp_path)[0]] \
         == ["base", "base-shortcut", "shortcut-ft"]  # shortcut-ft's own starting point is scored too
     groups = compare.plan_runs(["a", "b", "c"], ["r1", "r2"], 2, ["time", "calls"], 4.0, 100, [0.5], tmp_path)
-    assert len(groups) == 2 and groups[0][0]["variant"] == "base"
+    assert len(groups) == 4 and groups[0][0]["variant"] == "base"  # one group per (seed, reward)
+    assert [{r["reward"] for r in g if r["variant"] != "base"} for g in groups] == [{"r1"}, {"r2"}] * 2
     first = [r["variant"] for r in groups[0][1:4]]
-    second = [r["variant"] for r in groups[1][:3]]
+    second = [r["variant"] for r in groups[2][:3]]
     assert first == ["a", "b", "c"] and second == ["b", "c", "a"]
-    curve = [r for r in groups[1] if r["kind"] == "time" and r["budget"] == 2.0]
-    assert {r["reward"] for r in curve} == {"r1"} and len(curve) == 3  # the curve only for the first reward
+    timed = [r for g in groups for r in g if r["kind"] == "time"]
+    assert {tuple(r["snapshots"]) for r in timed} == {(0.5,)} and len(timed) == 12  # every time run: its curve
+    assert all(r["snapshots"] == [] for g in groups for r in g if r["kind"] == "calls")
+    point, = compare.snapshot_runs(timed[0])
+    assert point["key"] == timed[0]["key"] + "@0.5" and point["budget"] == 2.0 and point["snapshot"] == "0.5"
     assert len({r["run_dir"] for g in groups for r in g if "run_dir" in r}) == sum(len(g) for g in groups) - 1
     assert len({r["key"] for g in groups for r in g}) == sum(len(g) for g in groups)  # one result file each
 

@@ -135,8 +135,8 @@ def _rollout_grads(tiny, name, progress=0.0, **kw):
     from shortft.backends import load_backend
     from shortft.rewards.symmetry import symmetry_reward
 
-    cfg = TrainConfig(method=name, model=tiny["model"], shortcut=tiny["shortcut"], num_steps=10, lora_rank=4,
-                      lora_alpha=4.0, **kw)
+    cfg = TrainConfig(method=name, model=tiny["model"], num_steps=10, lora_rank=4, lora_alpha=4.0,
+                      **{"shortcut": tiny["shortcut"], **kw})
     b = load_backend(tiny["model"])
     m = METHODS[name](cfg)
     m.setup(b)
@@ -184,3 +184,14 @@ def test_shortft_segments_on_a_flow_grid():
     assert m.bounds == [0, 7, 14, 21, 28] and len(plan.steps) == 7 + 3 * 2
     jumps = [(s.t_from, s.t_to) for s in plan.steps if s.adapters == (SHORTCUT,)]
     assert jumps == [(sd3_28[7], sd3_28[13]), (sd3_28[14], sd3_28[20]), (sd3_28[21], sd3_28[27])]
+
+
+def test_shortft_without_a_shortcut_jumps_with_the_base_models_own_step(tiny):
+    """shortcut="none": the same plan, each jump the base model's one step at the chain's CFG (the naive
+    jump), with gradient through its input; no shortcut adapter is loaded."""
+    m = method("shortft", shortcut="none", guidance=5.0)
+    jumps = [s for s in m.plan(0.0, random.Random(0)).steps if s.t_to not in (END,) and s.t_from - s.t_to > 20]
+    assert [(s.t_from, s.t_to, s.adapters, s.guidance, s.grad) for s in jumps] == [
+        (741, 501, (), 5.0, "full"), (481, 261, (), 5.0, "full"), (241, 1, (), 5.0, "full")]
+    assert _rollout_grads(tiny, "shortft", shortcut="none") == {"lora1": True, "lora2": True, "lora3": True,
+                                                                 "lora4": True}

@@ -35,7 +35,7 @@ def tiny_sdxl(tmp_path_factory):
 
 def stock(folder: str) -> StableDiffusionXLPipeline:
     pipe = StableDiffusionXLPipeline.from_pretrained(folder)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False)  # Euler never clips
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

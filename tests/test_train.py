@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 
 import pytest
 import torch
@@ -16,13 +17,25 @@ from shortft.backends import SDBackend
 from shortft.bench import chain_scaled
 from shortft.cli import main
 from shortft.config import build_config
+from shortft.errors import TrainingStopped
 from shortft.methods import METHODS
 from shortft.sample import TimestepLoRASwitch, generate, load_run
-from shortft.train import build_model, train
+from shortft.train import build_model, train, training_loop
 
 
 def _adapters(ckpt_dir):
     return files.load_checkpoint(ckpt_dir)[0]
+
+
+class StopBeforeStep:
+    """Stands in for StopSignal: a SIGINT "arrives" during step `n` - 1, so the loop ends before step `n`."""
+
+    def __init__(self, n: int):
+        self.n, self.calls = n, 0
+
+    def agreed(self, accelerator) -> int:
+        self.calls += 1  # the loop asks once before every step and once after the loop
+        return signal.SIGINT if self.calls > self.n else 0
 
 
 def _latest_ckpt(run):
@@ -82,13 +95,16 @@ def test_trainable_changed_frozen_did_not(trained):
 
 @pytest.mark.parametrize("family, method", [("sd", m) for m in METHODS] + [("sd3", "shortft"), ("sd3", "draft-lv")])
 def test_resume_is_exact(tiny, tiny_sd3, tmp_path, family, method):
-    """Every method (and the flow family): 2 steps, a resume to 4, equals 4 uninterrupted steps."""
+    """Every method (and the flow family): a 4-step run stopped (as by SIGINT) after step 2 and resumed equals
+    4 uninterrupted steps: same LR schedule, same progressive stages, same random streams."""
     tiny = tiny if family == "sd" else tiny_sd3
     kw = dict(max_steps=4, method=method, **chain_scaled(10))
     full = tmp_path / "full"
     train(build_config("world", overrides=train_overrides(tiny, full, **kw)))
     part = tmp_path / "part"
-    train(build_config("world", overrides=train_overrides(tiny, part, **{**kw, "max_steps": 2})))
+    with pytest.raises(TrainingStopped) as stopped:
+        training_loop(build_config("world", overrides=train_overrides(tiny, part, **kw)), StopBeforeStep(2))
+    assert stopped.value.status == 130 and _latest_ckpt(part).name == "step-0000002"
     train(build_config("world", overrides=train_overrides(tiny, part, **kw, resume=str(part))))
     a, b = _adapters(_latest_ckpt(full)), _adapters(_latest_ckpt(part))
     assert a.keys() == b.keys()
@@ -147,3 +163,17 @@ def test_cli_errors(tiny, tmp_path, capsys, args, message):
     err = capsys.readouterr().err.strip()
     assert rc == 2 and message in err and len(err.splitlines()) == 1
     assert not run.exists()  # nothing written
+
+
+def test_snapshots_hold_the_loras_at_their_fraction_of_the_budget(tiny, tmp_path):
+    """snapshots=[0.5] on a 4-step run: snapshots/0.5/ holds the LoRA files as they were after step 2 (the
+    checkpoint of step 2 has the same tensors), loadable as a run of their own."""
+    run = train(build_config("world", overrides=train_overrides(tiny, tmp_path / "run", max_steps=4, method="draft",
+                                                                snapshots=[0.5], checkpoint_every=2)))
+    half = run.dir / "snapshots" / "0.5"
+    backend, method, _ = load_run(half)
+    step2 = _adapters(run.dir / "checkpoints" / "step-0000002")  # checkpoints at 2 and 4 ...
+    now = {n: p.detach() for n, p in backend.net.named_parameters() if n in step2}
+    assert now and all(torch.equal(now[n], step2[n]) for n in now)
+    final = dict(run.backend.net.named_parameters())
+    assert any(not torch.equal(now[n], final[n].detach()) for n in now)  # ... and the run moved on after it

@@ -317,7 +317,7 @@ def test_world_eval_command(tmp_path, capsys):
     assert "| real | heldout | 1.000 |" in capsys.readouterr().out
     assert main(["world", "eval", "--skip", "real", "clip", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "model folder" in err and "does not exist" in err and "\n" not in err
+    assert str(tmp_path / "none") in err and "does not exist" in err and "\n" not in err
 
 
 def test_the_flow_part_trains_an_sd3_pipeline_folder_that_a_stock_pipeline_loads(tiny_assets, tmp_path):

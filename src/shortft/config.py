@@ -221,7 +221,7 @@ def overrides_from_args(cls, args) -> dict:
 class TrainConfig:
     # --- model --------------------------------------------------------------------------------------------
     model: str = "world"  # hub id, local diffusers folder, or "world" (the embedded small model)
-    shortcut: str = ""  # shortcut LoRA: local file or repo_id/filename; "" = the world's shipped shortcut
+    shortcut: str = ""  # shortcut LoRA: local file or repo_id/filename; "" = the embedded model's shipped one; "none" = ShortFT with the base model's own one-step jump
     shortcut_scale: float = 1.0  # multiplier on the shortcut LoRA (Hyper-SD's N-step LoRAs use 1.0)
     shortcut_guidance: float = 1.0  # CFG of shortcut steps; Hyper-SD is distilled without CFG, so 1 (off)
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"  # storage dtype of the frozen weights; auto = fp16 on a GPU, else fp32
@@ -276,6 +276,7 @@ class TrainConfig:
     log_every: int = 1  # steps between TensorBoard scalars
     grid_every: int = 0  # steps between image grids of the eval prompts; 0 = before and after only
     checkpoint_every: int = 10  # steps between checkpoints (the final one is always written)
+    snapshots: list[float] = field(default_factory=list)  # fractions of the run's budget at which the LoRAs are also saved to snapshots/<fraction>/ (held-out curves)
     wandb: bool = False  # also log to Weights & Biases (imported only then)
     resume: str = ""  # run folder to continue from its latest checkpoint
 
@@ -311,4 +312,6 @@ def validate(cfg: TrainConfig) -> None:
                 "resolution"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
+    if any(not 0 < f <= 1 for f in cfg.snapshots):
+        raise ConfigError(f"snapshots must be fractions of the budget in (0, 1], got {cfg.snapshots}")
     METHODS[cfg.method].check(cfg)

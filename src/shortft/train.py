@@ -21,7 +21,7 @@ from shortft import files, lora
 from shortft.config import TrainConfig, to_dict
 from shortft.errors import MissingFileError, TrainingStopped
 from shortft.methods import METHODS, Method, Rollout
-from shortft.methods.base import shortcut_file
+from shortft.methods.base import NO_SHORTCUT, shortcut_file
 from shortft.prompts import load_prompts
 from shortft.run_folder import load_checkpoint, save_checkpoint, save_loras, write_config
 from shortft.sample import generate
@@ -70,7 +70,7 @@ def check_files(cfg: TrainConfig) -> None:
     from shortft.backends import resolve_model
 
     resolve_model(cfg.model)
-    if METHODS[cfg.method].uses_shortcut:
+    if METHODS[cfg.method].uses_shortcut and cfg.shortcut != NO_SHORTCUT:
         lora.resolve_file(shortcut_file(cfg))
 
 
@@ -164,6 +164,13 @@ class Logger:
 
 
 # --- the loop -----------------------------------------------------------------------------------------------
+def progress_of(cfg: TrainConfig, steps: int, seconds: float, calls: int) -> float:
+    """The share of its budget a run has used after `steps` optimiser steps, `seconds` of training and `calls`
+    network calls: whichever of max_steps, time_budget and unet_call_budget runs out first ends it at 1."""
+    return max(steps / cfg.max_steps, seconds / cfg.time_budget if cfg.time_budget else 0.0,
+               calls / cfg.unet_call_budget if cfg.unet_call_budget else 0.0)
+
+
 def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, reward, prompts: list[str], params,
                    optimizer, step: int, progress: float) -> tuple[torch.Tensor, dict, float, bool, float]:
     """One optimiser step: `grad_accum` rollouts (plan, chain, reward, backward), clipping and AdamW.
@@ -239,9 +246,7 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
     bar = tqdm(range(state["step"], cfg.max_steps), initial=state["step"], total=cfg.max_steps,
                disable=not is_main, desc=cfg.method, dynamic_ncols=True)
     for step in bar:
-        # progress in [0, 1) drives progressive training; a time or UNet-call budget can end training early
-        progress = max(step / cfg.max_steps, elapsed / cfg.time_budget if cfg.time_budget else 0.0,
-                       calls / cfg.unet_call_budget if cfg.unet_call_budget else 0.0)
+        progress = progress_of(cfg, step, elapsed, calls)  # drives progressive training; 1 ends the run
         if progress >= 1 or stop.agreed(accelerator):
             break
         t0 = time.perf_counter()
@@ -270,6 +275,9 @@ def training_loop(cfg: TrainConfig, stop: StopSignal) -> Run:
                                   f"checkpoint, from before them, is in {run_dir / 'checkpoints'}", status=1)
         if (step + 1) % cfg.checkpoint_every == 0 and not bad:  # a bad streak keeps the last good checkpoint
             saved = checkpoint(accelerator, run_dir, unet, method, optimizer, state)
+        for f in cfg.snapshots:  # the LoRAs as they are when the run has used fraction f of its budget
+            if is_main and progress < f <= progress_of(cfg, step + 1, elapsed, calls):
+                save_loras(run_dir / "snapshots" / f"{f:g}", backend, method, cfg)
     bar.close()
     received = stop.agreed(accelerator)
     if received:

@@ -86,7 +86,8 @@ class Denoiser(torch.nn.Module):
     def _run(self, x, t, cond, adapters):
         lora.activate(self.net, adapters)  # O(1) when the adapters did not change since the last call
         cond = {k: v.to(self.dtype) for k, v in cond.items()}
-        return self.call(x.to(self.dtype), t, cond).float()
+        # the chain keeps its own precision (float32 over a half-precision model, float64 in the gradient tests)
+        return self.call(x.to(self.dtype), t, cond).to(x.dtype)
 
     def call(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError

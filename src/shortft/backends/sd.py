@@ -29,6 +29,18 @@ class UNetDenoiser(Denoiser):
         return self.net(x, t, encoder_hidden_states=cond["hidden"]).sample  # (B, C, h, w)
 
 
+def ddim_scheduler(where):
+    """The model's schedule as a DDIMScheduler. A config saved by another scheduler class (SDXL ships
+    EulerDiscreteScheduler's) may lack `clip_sample`, which DDIM would default to True; that class never clips,
+    so its absence means False."""
+    from diffusers import DDIMScheduler
+
+    raw = dict(DDIMScheduler.load_config(where, subfolder="scheduler"))
+    if raw.get("_class_name") != "DDIMScheduler":
+        raw.setdefault("clip_sample", False)
+    return DDIMScheduler.from_config(raw)
+
+
 @dataclass
 class SDBackend(Latents):
     """Frozen SD components plus the denoiser; LoRA adapters live on `net` (the UNet)."""
@@ -55,7 +67,7 @@ class SDBackend(Latents):
     @classmethod
     def load(cls, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDBackend:
         """Load from a hub id, a local diffusers folder, or `world` (the embedded model)."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
         where = resolve_model(model)
@@ -64,7 +76,7 @@ class SDBackend(Latents):
             text_encoder = CLIPTextModel.from_pretrained(where, subfolder="text_encoder", torch_dtype=dtype)
             vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype)
             unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype)
-            scheduler = DDIMScheduler.from_pretrained(where, subfolder="scheduler")
+            scheduler = ddim_scheduler(where)
         except OSError as err:
             raise load_failed(model, err) from err
         device = torch.device(device)

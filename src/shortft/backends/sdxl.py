@@ -20,7 +20,7 @@ import torch
 
 from shortft import lora
 from shortft.backends.common import Denoiser, freeze, load_failed, resolve_model
-from shortft.backends.sd import SDBackend
+from shortft.backends.sd import SDBackend, ddim_scheduler
 
 
 class SDXLDenoiser(Denoiser):
@@ -46,7 +46,7 @@ class SDXLBackend(SDBackend):
     @classmethod
     def load(cls, model: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> SDXLBackend:
         """Load from a hub id or a local StableDiffusionXLPipeline folder."""
-        from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+        from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         where = resolve_model(model)
@@ -56,7 +56,7 @@ class SDXLBackend(SDBackend):
             text_g = CLIPTextModelWithProjection.from_pretrained(where, subfolder="text_encoder_2", torch_dtype=dtype)
             vae = AutoencoderKL.from_pretrained(where, subfolder="vae", torch_dtype=dtype)
             unet = UNet2DConditionModel.from_pretrained(where, subfolder="unet", torch_dtype=dtype)
-            scheduler = DDIMScheduler.from_pretrained(where, subfolder="scheduler")
+            scheduler = ddim_scheduler(where)
         except OSError as err:
             raise load_failed(model, err) from err
         if vae.config.get("force_upcast", False):

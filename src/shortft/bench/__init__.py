@@ -69,14 +69,14 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
     (then `shortcut` must name its shortcut LoRA)."""
     from shortft.testing import make_tiny_lora, make_tiny_model, make_tiny_sd3
 
-    if name == "world":
-        from shortft.world import WORLD_MODEL, WORLD_SHORTCUT
+    if name in ("world", "world-flow"):
+        from shortft.backends import resolve_model
+        from shortft.world import SHIPPED_SHORTCUTS
 
-        if not (WORLD_MODEL / "unet").is_dir():
-            raise MissingFileError(f"the embedded world model is missing at {WORLD_MODEL}; use --model small")
-        if not shortcut and not WORLD_SHORTCUT.is_file():
-            raise MissingFileError(f"the world's shortcut is missing at {WORLD_SHORTCUT}; pass --shortcut FILE")
-        return ModelSpec("world", shortcut or str(WORLD_SHORTCUT), "world-train", "world-heldout", "world")
+        resolve_model(name)  # a MissingFileError when the embedded model is not there
+        if not shortcut and not SHIPPED_SHORTCUTS[name].is_file():
+            raise MissingFileError(f"the shortcut of {name!r} is missing at {SHIPPED_SHORTCUTS[name]}; pass --shortcut FILE")
+        return ModelSpec(name, shortcut or "", "world-train", "world-heldout", name, preset=name)
     if name in SYNTHETIC:
         synth, folder = SYNTHETIC[name], cache / f"model-{name}"
         if not (folder / "model_index.json").is_file():

@@ -35,8 +35,8 @@ from shortft.errors import ConfigError
 WANTED_REWARDS = ("world_clip", "symmetry", "compressibility")  # the comparison's three rewards
 HELD_OUT_IMAGE_METRICS = ("asymmetry", "jpeg_kb")  # evaluate.IMAGE_METRICS scored beside the rewards
 
-# Presets. Budgets are per run. `curve` adds runs at these fractions of the time budget (first reward only)
-# for the held-out-reward-vs-wall-clock plot; the base model is its point at 0 s. A run costs its budget
+# Presets. Budgets are per run. `curve` scores every time-budget run's snapshots at these fractions of its
+# budget too, for the held-out-reward-vs-wall-clock plot; the base model is its point at 0 s. A run costs its budget
 # plus a fixed part (model loads, train's own before/after evaluation, saving, the held-out evaluation of
 # 8 images); docs/RESULTS.md gives the measured totals. --quick keeps every row of Tables 1-3 and 3 seeds
 # on one reward and one budget kind (32 runs with the untuned-shortcut row); --full runs all three rewards
@@ -77,7 +77,14 @@ def run_config(common: dict, run: dict) -> dict:
     budget = {"time_budget": float(run["budget"])} if run["kind"] == "time" else {"unet_call_budget": int(run["budget"])}
     return {**common, **over, "method": method, "reward": run["reward"], "seed": run["seed"], **budget,
             "run_dir": run["run_dir"], "max_steps": 10**6, "eval_count": 1, "checkpoint_every": 10**6,
-            "grid_every": 0}
+            "grid_every": 0, "snapshots": run.get("snapshots", [])}
+
+
+def snapshot_runs(run: dict) -> list[dict]:
+    """The held-out curve's points of a run: one result per snapshot fraction, named `KEY@FRACTION`, whose
+    budget is that fraction of the run's."""
+    return [{**run, "key": f"{run['key']}@{f:g}", "budget": round(run["budget"] * f, 3), "snapshot": f"{f:g}"}
+            for f in run.get("snapshots", []) if f < 1]
 
 
 def result_file(root: Path, run: dict) -> Path:
@@ -86,7 +93,8 @@ def result_file(root: Path, run: dict) -> Path:
 
 
 def inference_chain(run: dict, common: dict, preset: str | None):
-    """(backend, plan, history) of one run: trained (its saved LoRAs, loaded back) or an untuned base row."""
+    """(backend, plan, history) of one run: trained (its saved LoRAs, loaded back; a snapshot's when the run
+    names one) or an untuned base row."""
     from shortft.backends import load_backend
     from shortft.chain import sampling_plan
     from shortft.config import build_config
@@ -103,6 +111,9 @@ def inference_chain(run: dict, common: dict, preset: str | None):
         backend = load_backend(cfg.model)  # shortcut model on its own few-step chain
         method = METHODS[cfg.method](cfg)
         method.setup(backend)
+        return backend, method.sample_plan(), []
+    if "snapshot" in run:  # trained already, with the run it belongs to
+        backend, method, _ = load_run(Path(run["run_dir"]) / "snapshots" / run["snapshot"])
         return backend, method.sample_plan(), []
     shutil.rmtree(run["run_dir"], ignore_errors=True)  # what an interrupted attempt of this run left
     run_dir = train(build_config(preset, overrides=run_config(common, run))).dir
@@ -121,7 +132,7 @@ def worker_group(spec: dict) -> list[dict]:
 
     set_threads(spec["threads"])
     torch.manual_seed(0)
-    common, preset, world = spec["common"], spec["preset"], spec["common"]["model"] == "world"
+    common, preset, world = spec["common"], spec["preset"], spec["common"]["model"] in ("world", "world-flow")
     rewards, _ = build_rewards(spec["rewards"])
     metrics = {**{f"reward:{n}": fn for n, fn in rewards.items()},
                **{n: IMAGE_METRICS[n] for n in HELD_OUT_IMAGE_METRICS}}
@@ -129,7 +140,7 @@ def worker_group(spec: dict) -> list[dict]:
     seeds = list(range(1000, 1000 + len(prompts)))  # fixed evaluation noise, distinct from training draws
     warm(common, preset)
     results = []
-    for run in spec["runs"]:
+    for run in [point for planned in spec["runs"] for point in (planned, *snapshot_runs(planned))]:
         t0 = time.perf_counter()
         backend, plan, history = inference_chain(run, common, preset)
         scores = score_images(generate(backend, plan, prompts, seeds), prompts, metrics, batch_size=len(prompts),
@@ -163,22 +174,21 @@ def warm(common: dict, preset: str | None) -> None:
 # --- planning and continuing ---------------------------------------------------------------------------------
 def plan_runs(variants: list[str], rewards: list[str], seeds: int, budgets: list[str], time_budget: float,
               call_budget: int, curve: list[float], root: Path) -> list[list[dict]]:
-    """One list of runs per seed (worker process); the first list also holds the base-model rows. Every run
-    has a `key` naming it in the work folder."""
+    """One list of runs per (seed, reward) (a worker process each); the first list also holds the base-model
+    rows. Every run has a `key` naming it in the work folder; runs on the time budget save snapshots at the
+    `curve` fractions of it, the held-out curve's points."""
     groups = []
     for seed in range(seeds):
         order = variants[seed % len(variants):] + variants[: seed % len(variants)]  # rotate the position
-        runs = []
         for reward in rewards:
-            todo = [(k, time_budget if k == "time" else call_budget) for k in budgets]
-            if reward == rewards[0]:
-                todo += [("time", round(time_budget * f, 3)) for f in curve]
-            for kind, budget in todo:
+            runs = []
+            for kind, budget in [(k, time_budget if k == "time" else call_budget) for k in budgets]:
                 for v in order:
                     key = f"{v}-{reward}-s{seed}-{kind}{budget}"
                     runs.append({"key": key, "variant": v, "reward": reward, "seed": seed, "kind": kind,
-                                 "budget": budget, "run_dir": str(Path(root) / "runs" / key)})
-        groups.append(runs)
+                                 "budget": budget, "run_dir": str(Path(root) / "runs" / key),
+                                 "snapshots": sorted(curve) if kind == "time" else []})
+            groups.append(runs)
     bases = BASES if "shortcut-ft" in variants else BASES[:1]
     groups[0] = [{"key": b, "variant": b, "reward": "-", "seed": 0, "kind": "-", "budget": 0}
                  for b in bases] + groups[0]
@@ -201,23 +211,31 @@ def check_settings(root: Path, current: dict) -> None:
 
 
 def run_comparison(root: Path, s: dict, common: dict, preset: str | None, rewards: list[str], threads: int,
-                   runner=run_worker) -> list[dict]:
-    """Every planned run's result, in plan order: read from the work folder where an earlier attempt of the
-    same comparison left it, else computed by `runner` (a worker process per seed)."""
+                   runner=run_worker, jobs: int = 1) -> list[dict]:
+    """Every planned run's result (and its snapshots'), in plan order: read from the work folder where an
+    earlier attempt of the same comparison left it, else computed by `runner` (a worker process per group,
+    `jobs` of them at a time)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     root = Path(root)
     check_settings(root, {"settings": s, "common": common, "preset": preset, "rewards": rewards, "threads": threads})
     groups = plan_runs(s["variants"], rewards, s["seeds"], s["budgets"], s["time_budget"], s["call_budget"],
                        s["curve"], root)
-    todo = [[r for r in runs if not result_file(root, r).is_file()] for runs in groups]
+    def finished(run: dict) -> bool:  # a run's snapshots are scored after it: the last point ends it
+        return result_file(root, ([run, *snapshot_runs(run)])[-1]).is_file()
+
+    todo = [[r for r in runs if not finished(r)] for runs in groups]
     total, left = sum(map(len, groups)), sum(map(len, todo))
     print(f"bench compare: {total} runs in {len(groups)} worker(s), {total - left} already finished in {root}; "
           f"rewards {rewards}", flush=True)
-    for i, runs in enumerate(todo):
-        if runs:
-            runner("compare_group", {"tag": f"seed{i}", "root": str(root), "common": common, "runs": runs,
-                                     "rewards": rewards, "eval_n": s["eval_n"], "preset": preset,
-                                     "threads": threads}, root / "workers")
-    return [json.loads(result_file(root, r).read_text()) for runs in groups for r in runs]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        for job in [pool.submit(runner, "compare_group", {
+                "tag": f"group{i}", "root": str(root), "common": common, "runs": runs, "rewards": rewards,
+                "eval_n": s["eval_n"], "preset": preset, "threads": threads}, root / "workers")
+                for i, runs in enumerate(todo) if runs]:
+            job.result()
+    return [json.loads(result_file(root, p).read_text()) for runs in groups for r in runs
+            for p in (r, *snapshot_runs(r))]
 
 
 # --- the command ---------------------------------------------------------------------------------------------
@@ -238,13 +256,15 @@ def add_parser(bsub) -> None:
     p.add_argument("--time-budget", type=float, default=None, help="seconds of training per run")
     p.add_argument("--call-budget", type=int, default=None, help="UNet calls of training per run")
     p.add_argument("--budgets", default=None, help="which budget kinds: time,calls")
-    p.add_argument("--curve", default=None, help="extra fractions of the time budget for the curve, e.g. 0.5")
+    p.add_argument("--curve", default=None, help="fractions of the time budget at which every run's LoRAs are "
+                   "also scored (snapshots): the held-out curve, e.g. 0.25,0.5")
     p.add_argument("--eval-n", type=int, default=None, help="held-out prompts (one fixed seed each)")
     p.add_argument("--batch", type=int, default=None, help="prompts per rollout (every method)")
     p.add_argument("--set", nargs="*", default=[], metavar="key=value",
                    help="config overrides applied to every method alike, e.g. lr=1e-3")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (0 = torch's default, every "
                    "core); 1 avoids oversubscription stalls on a shared machine")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes at a time (with --threads 1: one per core)")
     p.add_argument("--out", default="docs/RESULTS.md", help="markdown report (figures go beside it)")
     p.add_argument("--workdir", default="runs/bench/compare", help="run folders, logs, per-run results; "
                    "rerunning the same command continues an interrupted comparison from here")
@@ -290,7 +310,7 @@ def run(args) -> int:
               "eval_prompts": spec.eval_prompts, "batch_size": s["batch_size"], "reward": rewards[0],
               **chain_scaled(extra.get("num_steps", 50)), **spec.config, **extra}
     build_config(spec.preset, overrides={**common, "method": "shortft"})  # fail early on a bad --set
-    results = run_comparison(root, s, common, spec.preset, rewards, args.threads)
+    results = run_comparison(root, s, common, spec.preset, rewards, args.threads, jobs=args.jobs)
     files.write_json(root / "results.json", {"settings": s, "common": common, "results": results}, indent=None)
     out = Path(args.out)
     figs = plots(results, rewards, s, out.parent / "figures", out.stem)

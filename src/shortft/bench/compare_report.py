@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from shortft.bench import ModelSpec, machine, median, now
-from shortft.bench.variants import ABLATIONS, TABLE1, TABLE2
+from shortft.bench.variants import ABLATIONS, FIDELITY, TABLE1, TABLE2
 
 
 # --- aggregation ---------------------------------------------------------------------------------------------
@@ -122,7 +122,7 @@ def table(results: list[dict], variants: list[str], reward: str, kind: str, budg
 def report(results, rewards, missing, s, spec: ModelSpec, common, args, command, figs, out_dir: Path,
            skipped: list[str] = ()) -> str:
     """The markdown of docs/RESULTS.md; the same results give the same text (apart from the date)."""
-    world = spec.model == "world"
+    world = spec.model in ("world", "world-flow")
     base = next((r for r in results if r["variant"] == "base"), None)
     base_sc = next((r for r in results if r["variant"] == "base-shortcut"), None)
     lines = ["# Results: ShortFT and its baselines at equal compute on the embedded world"
@@ -175,6 +175,14 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
                      table(results, [v for v in TABLE2 if v in s["variants"]], reward, kind, budget, rewards,
                            world, [("base, 50-step chain", base),
                                    ("shortcut model, its few-step chain", base_sc)]) + [""]
+        lines += [f"### Shortcut fidelity: the distilled shortcut vs the base model's own one-step jump ({title})",
+                  "", "shortft-naive-jump is ShortFT with `shortcut=none`: each jump over a segment's inner steps "
+                  "is one step of the base model at the chain's CFG, so the gradient travels the same short "
+                  "path through a jump that lands far from the true trajectory.", ""]
+        for reward in rewards:
+            lines += [f"trained on `{reward}`:", ""] + \
+                     table(results, [v for v in FIDELITY if v in s["variants"]], reward, kind, budget, rewards,
+                           world) + [""]
     if figs:
         lines += ["## Figures", ""]
         for title, path in figs.items():

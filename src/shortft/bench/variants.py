@@ -12,8 +12,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "shortft-no-tlora": ("shortft", {"tlora": False}),
     "shortft-no-progressive": ("shortft", {"progressive": False}),
     "shortcut-ft": ("shortcut-ft", {}),
+    "shortft-naive-jump": ("shortft", {"shortcut": "none"}),  # no distilled shortcut: the base model's own jump
 }
 TABLE1 = ["shortft", "draft-lv", "drtune", "alignprop", "draft-k", "refl", "full"]
 ABLATIONS = ["shortft", "shortft-no-tlora", "shortft-no-progressive"]
 TABLE2 = ["shortft", "shortcut-ft"]
+FIDELITY = ["shortft", "shortft-naive-jump"]  # how much the shortcut's fidelity matters
 BASES = ("base", "base-shortcut")  # untuned rows: the original chain; the shortcut model on its own chain

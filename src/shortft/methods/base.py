@@ -12,6 +12,7 @@ from shortft.chain import Plan, run_plan, sampling_plan
 from shortft.errors import ConfigError
 
 SHORTCUT = "shortcut"  # adapter name of the frozen shortcut LoRA (ShortFT, shortcut-ft)
+NO_SHORTCUT = "none"  # TrainConfig.shortcut for ShortFT without one: each jump is the base model's own one step
 
 
 @dataclass
@@ -103,7 +104,7 @@ def shortcut_file(cfg) -> str:
 def load_shortcut(backend, cfg) -> None:
     """Load the frozen shortcut LoRA (`shortcut_file`, at cfg.shortcut_scale) as adapter SHORTCUT, once; a
     method that needs one calls this from `setup`."""
-    if SHORTCUT not in lora.adapter_names(backend.net):
+    if cfg.shortcut != NO_SHORTCUT and SHORTCUT not in lora.adapter_names(backend.net):
         lora.load_lora(backend.net, shortcut_file(cfg), SHORTCUT, trainable=False, fmt=backend.lora_format)
         lora.set_scale(backend.net, SHORTCUT, cfg.shortcut_scale)
 

@@ -12,12 +12,18 @@ from __future__ import annotations
 import random
 
 from shortft.chain import Plan, sampling_plan
-from shortft.methods.base import SHORTCUT, Method, load_shortcut, steps_with
+from shortft.errors import ConfigError
+from shortft.methods.base import NO_SHORTCUT, SHORTCUT, Method, load_shortcut, steps_with
 
 
 class ShortcutFT(Method):
     name = "shortcut-ft"
     uses_shortcut = True
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.shortcut == NO_SHORTCUT:
+            raise ConfigError("shortcut-ft fine-tunes the shortcut model itself: it needs a shortcut, not 'none'")
 
     def setup(self, backend) -> None:
         super().setup(backend)

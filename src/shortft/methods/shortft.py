@@ -32,7 +32,7 @@ import random
 
 from shortft.chain import END, Plan, Step
 from shortft.errors import ConfigError
-from shortft.methods.base import SHORTCUT, Method, load_shortcut
+from shortft.methods.base import NO_SHORTCUT, SHORTCUT, Method, load_shortcut
 
 
 def segment_bounds(num_steps: int, k: int) -> list[int]:
@@ -102,6 +102,13 @@ class ShortFT(Method):
     def trainable(self, progress: float) -> list[str]:
         return self.adapter_names()[self.stage(progress) - 1:] if self.cfg.tlora else ["lora1"]
 
+    def jump(self, t_from, t_to) -> Step:
+        """The shortcut's one jump over a segment's inner steps, with gradient through its input; with
+        shortcut="none" the base model's own one-step jump at the chain's CFG (the naive jump)."""
+        if self.cfg.shortcut == NO_SHORTCUT:
+            return Step(t_from, t_to, (), "full", self.cfg.guidance)
+        return Step(t_from, t_to, (SHORTCUT,), "full", self.cfg.shortcut_guidance)
+
     def plan(self, progress: float, rng: random.Random) -> Plan:
         stage, ts, b, g = self.stage(progress), self.timesteps, self.bounds, self.cfg.guidance
         steps = []
@@ -117,6 +124,6 @@ class ShortFT(Method):
         for j in range(stage + 1, self.k + 1):
             first, last = b[j - 1], b[j] - 1
             if last > first:
-                steps.append(Step(ts[first], ts[last], (SHORTCUT,), "full", self.cfg.shortcut_guidance))
+                steps.append(self.jump(ts[first], ts[last]))
             steps.append(Step(ts[last], ts[last + 1] if last + 1 < len(ts) else END, self.stack(j), "full", g))
         return Plan(steps, {"stage": stage})
