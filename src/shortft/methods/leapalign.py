@@ -28,8 +28,8 @@ per-sample mean absolute difference, the discount applied at the second call's i
 to σ = 0.
 
 Left open or chosen here: the loss is the raw reward, as for every method of this repository; the paper's
-hinge max(0, λ - r) (Eq. 11, λ = 0.55 on HPS v2.1) shapes all the methods it compares alike and λ depends
-on the reward's scale. FlowBP takes the leaps from the chain's own calls at t_k and t_j (n model calls); a
+hinge max(0, λ - r) (Eq. 11, λ = 0.55 on HPS v2.1) is tied to that reward's scale, and FlowBP gives it to
+every method it compares alike. FlowBP takes the leaps from the chain's own calls at t_k and t_j (n model calls); a
 plan is a list of steps, so here they are two more calls (n + 2; the same values and gradient).
 `leap_range` < 1 (the ablation's [0, 1/2]) draws k, j among the chain's last steps.
 
