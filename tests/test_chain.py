@@ -104,6 +104,31 @@ def test_grad_modes_route_gradients(tiny):
     assert torch.allclose(gx_det, 2 * out * ratio, atol=1e-5)
 
 
+def test_input_grad_scales_only_the_gradient_through_the_model_input(tiny):
+    """input_grad s: the value of a full step, the weights' gradient unchanged, and the input's gradient
+    the linear term plus s times the path through the model: detach_input's at 0, full's at 1."""
+    b = _lora_backend(tiny)
+    x = torch.randn(1, 4, 8, 8)
+
+    def run(**kw):
+        b.net.zero_grad(set_to_none=True)
+        out, gx, g = _grads(b, [Step(501, 481, ("a",), **kw)], x)
+        return out, gx, g["a"].clone()
+
+    out_d, gx_d, g_d = run(grad="detach_input")
+    out_f, gx_f, g_f = run(grad="full")
+    assert not torch.allclose(gx_d, gx_f, atol=1e-4)  # the path through the model input matters here
+    for s in (0.0, 0.3, 1.0):
+        out_s, gx_s, g_s = run(grad="full", input_grad=s)
+        assert torch.equal(out_s, out_f)
+        torch.testing.assert_close(g_s, g_f)
+        torch.testing.assert_close(gx_s, (1 - s) * gx_d + s * gx_f, atol=1e-6, rtol=1e-5)
+    for bad in (dict(grad="none", input_grad=0.5), dict(grad="detach_input", input_grad=0.0),
+                dict(grad="full", input_grad=1.5)):
+        with pytest.raises(ValueError, match="input_grad"):
+            Step(501, 481, ("a",), **bad)
+
+
 def test_checkpoint_equals_full_with_switching_adapters(tiny):
     """Recomputation in backward must re-activate each step's own adapters."""
     b = _lora_backend(tiny)

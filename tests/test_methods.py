@@ -157,7 +157,7 @@ def _rollout_grads(tiny, name, progress=0.0, **kw):
     return got
 
 
-@pytest.mark.parametrize("name", ["draft", "draft-lv", "alignprop", "drtune", "refl", "full"])
+@pytest.mark.parametrize("name", ["draft", "draft-lv", "alignprop", "drtune", "refl", "full", "leapalign"])
 def test_single_lora_methods_send_gradient_to_lora(tiny_any, name):
     """On both families (the tiny SD 1.5- and SD 3-format models): only the method's LoRA gets gradient."""
     kw = {"drtune_k": 2, "drtune_m": 3, "refl_window": 3} if name in ("drtune", "refl") else {}

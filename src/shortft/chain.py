@@ -17,6 +17,9 @@ Gradient modes of a step:
     full          the model output with a graph, through the model's input too
     detach_input  the model output with a graph for the weights, but the model input is detached (DRTune)
     checkpoint    like full, with the model call recomputed in backward (gradient checkpointing)
+A full or checkpoint step may keep only a share `input_grad` of the gradient through the model's input (the
+input's value unchanged; the linear x-term of the update keeps all of it): 0 is detach_input's gradient, 1 full's,
+LeapAlign's discount of its nested term lies between.
 
 The conditioning `cond` is opaque here: a dict of batch-first tensors that the backend made (`batch_cat`
 joins the unconditional and conditional rows for CFG).
@@ -42,10 +45,13 @@ class Step:
     adapters: tuple[str, ...] = ()  # adapters active for this call; () = base weights
     grad: str = "none"  # one of GRAD_MODES
     guidance: float = 1.0  # classifier-free guidance scale; <= 1 runs the conditional branch only
+    input_grad: float = 1.0  # share of the gradient through the model's input (full / checkpoint steps), in [0, 1]
 
     def __post_init__(self):
         if self.grad not in GRAD_MODES:
             raise ValueError(f"grad mode {self.grad!r} not in {GRAD_MODES}")
+        if not 0 <= self.input_grad <= 1 or (self.input_grad != 1 and self.grad not in ("full", "checkpoint")):
+            raise ValueError(f"input_grad={self.input_grad} needs a full or checkpoint step and a value in [0, 1]")
 
 
 @dataclass
@@ -59,6 +65,12 @@ class Plan:
     def graph_calls(self) -> int:
         """Model calls whose weights get gradient in this plan."""
         return sum(s.grad != "none" for s in self.steps)
+
+
+def routed(value: torch.Tensor, path: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """`value` in the forward pass, `scale` times the gradient of `path` in the backward one (a straight-through
+    connector where the two differ). The value is exact: path - path.detach() is zero."""
+    return value.detach() + scale * (path - path.detach())
 
 
 def batch_cat(*conds: dict) -> dict:
@@ -94,7 +106,7 @@ def guided_output(backend, step: Step, x: torch.Tensor, cond: dict, uncond: dict
 
 def run_plan(backend, plan: Plan | list[Step], x: torch.Tensor, cond: dict, uncond: dict | None = None) -> torch.Tensor:
     """Run the steps from latents `x` (B, C, h, w); return the final latents. Pure: no scheduler state,
-    and where the gradient flows is decided by each step's `grad` alone."""
+    and where the gradient flows is decided by each step's `grad` (and `input_grad`) alone."""
     steps = plan.steps if isinstance(plan, Plan) else plan
     both = batch_cat(uncond, cond) if uncond is not None and any(s.guidance > 1 for s in steps) else None
     for step in steps:
@@ -104,7 +116,8 @@ def run_plan(backend, plan: Plan | list[Step], x: torch.Tensor, cond: dict, unco
         elif step.grad == "detach_input":
             out = guided_output(backend, step, x.detach(), cond, uncond, both)
         else:
-            out = guided_output(backend, step, x, cond, uncond, both, checkpoint=step.grad == "checkpoint")
+            inp = x if step.input_grad == 1 else routed(x, x, step.input_grad)
+            out = guided_output(backend, step, inp, cond, uncond, both, checkpoint=step.grad == "checkpoint")
         x0, eps = backend.split(out, x, step.t_from)  # linear in x: the gradient's x-path survives grad="none"
         a, b = backend.coefficients(step.t_to)
         x = a * x0 + b * eps

@@ -252,6 +252,9 @@ class TrainConfig:
     drtune_k: int = 5  # DRTune: equally spaced steps trained with detached input
     drtune_m: int = 10  # DRTune: early stop drawn among the last M steps
     refl_window: int = 10  # ReFL: gradient step drawn among the last N steps (ImageReward: 10 of 40)
+    leap_range: float = 1.0  # LeapAlign: steps k < j, a uniform distinct pair among this last share of the chain (paper: 1)
+    leap_discount: float = 0.3  # LeapAlign: alpha, share kept of the nested gradient through x_j (paper: 0.3; 0 = cut)
+    leap_tau: float = 0.1  # LeapAlign: floor tau of the distances in w = 1 / (max(d_j, tau) + max(d_0, tau)) (paper: 0.1)
     # --- reward -------------------------------------------------------------------------------------------
     reward: str = "world_clip"  # registered name, weighted sum "a=1,b=2", or package.module:function
     reward_paths: str = ""  # where reward weights live: "hpsv2=/path/HPS_v2_compressed.pt,pickscore=/dir"

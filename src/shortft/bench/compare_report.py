@@ -83,7 +83,8 @@ def verdicts(results: list[dict], rewards: list[str], s: dict) -> list[str]:
             best = max(rows, key=lambda vx: vx[1][f"reward:{reward}"][0])
             lines.append(f"- **{reward}, {budget} {unit}**: best held-out reward: **{best[0]}** "
                          f"({pm(best[1][f'reward:{reward}'])}).")
-            for other in ("draft-lv", "drtune", "full", "shortft-no-tlora", "shortft-no-progressive", "shortcut-ft"):
+            for other in ("draft-lv", "drtune", "full", "leapalign", "shortft-no-tlora", "shortft-no-progressive",
+                          "shortcut-ft"):
                 if "shortft" in s["variants"] and other in s["variants"]:
                     c = cmp("shortft", other, reward, kind, budget)
                     if c:

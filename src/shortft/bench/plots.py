@@ -10,7 +10,8 @@ from shortft.bench.compare_report import mean_std
 from shortft.bench.variants import BASES, VARIANTS
 from shortft.report import axes, running_mean
 
-COLOURS = {v: f"C{i % 10}" for i, v in enumerate(VARIANTS)}  # one colour per variant in every figure
+PALETTE = [f"C{i}" for i in range(10)] + ["black", "navy", "gold"]  # matplotlib's tab10, then three more
+COLOURS = {v: PALETTE[i % len(PALETTE)] for i, v in enumerate(VARIANTS)}  # one colour per variant in every figure
 DASHED = ("shortft-no-tlora", "shortft-no-progressive", "shortcut-ft")  # ablations and Table 2's variant
 FIGURE = dict(size=(7, 4.2), dpi=110, legend_size=7)
 
