@@ -314,3 +314,26 @@ def test_only_some_parts_replace_their_sections(tmp_path):
     assert parts == ["overhead"] and [r[0] for r in rows] == ["drtune", "refl"]
     with pytest.raises(ConfigError, match="flops"):
         efficiency.selection(parser.parse_args(["efficiency", "--only", "rows,flops"]))
+
+
+def test_real_size_table_fits_the_native_resolution_and_says_what_fits():
+    """The native-resolution columns: a line in the pixel count through the measured points (exact on linear
+    data), the GPU estimate as fp16 weights + half the fp32 activations, the fits column against it."""
+    from shortft.bench.realsize import arch_section, estimate, line_fit
+
+    assert line_fit([1.0, 2.0, 3.0], [3.0, 5.0, 7.0]) == pytest.approx((1.0, 2.0))
+
+    def run(px, secs, mb):
+        return {"seconds_median": secs, "unet_calls": 18, "graph_calls": 8,
+                "loaded": {"rss_mb": 1000.0}, "peak": {"rss_mb": 1000.0 + mb}}
+
+    # seconds = 1 + 1e-4 px², memory added = 2e-2 px² MB: at 512 px, 27.2 s and 5243 MB
+    runs = {str(r): run(r, 1 + 1e-4 * r * r, 2e-2 * r * r) for r in (128, 256)}
+    assert estimate(runs, lambda r: r["seconds_median"], 512) == pytest.approx(1 + 1e-4 * 512 ** 2)
+    res = {"arch": "sd15", "resolutions": [128, 256], "weights_gb": 2.0,
+           "rows": {"shortft (stage 1)": runs, "full (checkpointed)": {k: {**v, "seconds_median": 2 * v["seconds_median"]}
+                                                                       for k, v in runs.items()}}}
+    text = "\n".join(arch_section(res, "cmd", "today", "here"))
+    gpu_gb = 2.0 + 2e-2 * 512 ** 2 / 2e3  # 4.6 GB
+    assert f"| shortft (stage 1) | 18 | 8 | 2.6 | 328 | 7.6 | 1311 | 27.2 | 5.2 | {gpu_gb:.1f} | yes / yes / yes |" in text
+    assert "128 px: time 0.50x, memory added 1.00x" in text and "**estimates**" in text

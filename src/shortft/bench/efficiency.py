@@ -40,7 +40,9 @@ ROWS = [
     ("refl", "refl", {}, 0.0),
     ("full (checkpointed)", "full", {}, 0.0),
     ("shortcut-ft", "shortcut-ft", {}, 0.0),
+    ("leapalign", "leapalign", {}, 0.0),
 ]
+HAND_METHODS = ("shortft", "draft-lv", "draft", "drtune", "alignprop", "refl", "full", "shortcut-ft")  # bench.hand's
 PARTS = ("rows", "ratio", "gradlen", "overhead")
 
 
@@ -80,7 +82,7 @@ def worker_method(spec: dict) -> dict:
     _, rng = make_rollout(ctx["cfg"], ctx["backend"], ctx["prompts"], ctx["reward"], 0)
     steps = ctx["method"].plan(spec["progress"], rng).steps
     engine, raw = [], []
-    for r in range(spec["overhead_reps"]):
+    for r in range(spec["overhead_reps"]):  # 0: no chain timings (the real-size table)
         engine.append(time_chain(ctx, steps, raw=False, it=r))
         raw.append(time_chain(ctx, steps, raw=True, it=r))
     norms = [i["grad_norm"] for i in its]
@@ -167,6 +169,11 @@ def add_parser(bsub) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker (0 = torch's default)")
     p.add_argument("--reward", default="symmetry", help="reward used for the iterations (cheap by default)")
     p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
+    p.add_argument("--arch", default="", help="run the real-size table instead, on this full-size architecture "
+                   "with random weights: sd15 | sdxl | sd35m (shortft.bench.realsize)")
+    p.add_argument("--resolutions", default="128,256", help="--arch: image sizes (px) to measure")
+    p.add_argument("--arch-divisor", type=int, default=1, help="--arch: divide every width by this (a quick "
+                   "check of the command at toy size; the report is then not the real architecture's)")
     p.add_argument("--out", default="docs/efficiency.md", help="markdown report to write")
     p.add_argument("--workdir", default="runs/bench/efficiency", help="worker specs, logs and raw JSON")
     p.set_defaults(func=run)
@@ -190,11 +197,19 @@ def selection(args) -> tuple[list[str], list[tuple]]:
 
 
 def run(args) -> int:
-    from shortft.bench.efficiency_report import write_report
+    from shortft.bench.efficiency_report import write_arch_report, write_report
     from shortft.bench.overhead import run_overhead
 
     parts, rows = selection(args)
     workdir = Path(args.workdir)
+    if args.arch:
+        from shortft.bench.realsize import run_arch
+
+        results = run_arch(args, rows, workdir)
+        files.write_json(workdir / f"arch-{args.arch}.json", results)
+        write_arch_report(Path(args.out), results, command_line("efficiency"), args.arch_divisor)
+        print(f"wrote {args.out}")
+        return 0
     spec = prepare_model(args.model or default_model(), workdir, args.shortcut)
     base = dict(model=spec.model, shortcut=spec.shortcut, prompts=spec.prompts, eval_prompts=spec.eval_prompts,
                 reward=args.reward, num_steps=args.steps, batch_size=args.batch, **chain_scaled(args.steps),
@@ -218,8 +233,9 @@ def run(args) -> int:
         results["grads"] = run_worker("efficiency_gradlen", {
             "tag": "gradlen", "overrides": base, "lengths": results["lengths"],
             "methods": ["full", "shortft", "draft-lv"], "rollouts": args.grad_rollouts, **common}, workdir)
-    if "overhead" in parts:
-        results["overhead"] = run_overhead(base, rows, spec.preset, args.rounds, args.iters, args.threads, workdir)
+    if "overhead" in parts:  # the rows bench.hand writes by hand
+        hand_rows = [r for r in rows if r[1] in HAND_METHODS]
+        results["overhead"] = run_overhead(base, hand_rows, spec.preset, args.rounds, args.iters, args.threads, workdir)
     files.write_json(workdir / "results.json", results)
     write_report(Path(args.out), spec, args, results, command_line("efficiency"), full=parts == list(PARTS))
     print(f"wrote {args.out}")

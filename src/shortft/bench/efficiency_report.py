@@ -154,6 +154,18 @@ def merge(old: str, new: dict[str, list[str]]) -> str:
     return head + "".join(body.values())
 
 
+def write_arch_report(out: Path, results: dict, command: str, divisor: int = 1) -> str:
+    """The real-size table of one architecture, as its own section of the report (the others kept)."""
+    from shortft.bench.realsize import arch_section
+
+    heading = f"Real-size cost: {results['arch']}" + (f" at 1/{divisor} width (a check, not the real one)"
+                                                      if divisor > 1 else "")
+    old = out.read_text() if out.is_file() else "\n".join([TITLE, "", ""])
+    text = merge(old, {heading: arch_section(results, command, now(), machine())})
+    files.write_text(out, text)
+    return text
+
+
 def write_report(out: Path, spec: ModelSpec, args, results: dict, command: str, full: bool) -> str:
     """Write the report: the whole file after a run of every part, else the parts' sections into the existing
     file (its header and other sections kept)."""
