@@ -18,13 +18,14 @@ from conftest import train_overrides
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
-def test_two_process_training_keeps_ranks_in_sync(tiny, tmp_path):
-    overrides = train_overrides(tiny, tmp_path / "run", max_steps=2, cpu=True)
+def test_two_process_training_keeps_ranks_in_sync(tiny_any, tmp_path):
+    """Both families (the SD UNet and the SD 3 transformer)."""
+    overrides = train_overrides(tiny_any, tmp_path / "run", max_steps=2, cpu=True)
     out = tmp_path / "out"
     out.mkdir()
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).with_name("torchrun"))
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(29517 + ("sd3" in str(tiny_any["model"]))),
            str(Path(__file__).with_name("ddp_worker.py")), json.dumps(overrides), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

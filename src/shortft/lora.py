@@ -66,10 +66,19 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
              targets: Sequence[str] = ATTN_FF_TARGETS) -> None:
     """Add a fresh LoRA adapter `name` (B = 0, so the model is unchanged) with fp32 parameters."""
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank,
-                        init_lora_weights="gaussian", target_modules=list(targets))
+                        init_lora_weights="gaussian", target_modules=live_targets(unet, targets))
     unet.add_adapter(config, adapter_name=name)
     for p in adapter_parameters(unet, name):
         p.data = p.data.float()  # trainable weights stay fp32 under mixed precision
+
+
+def live_targets(net: torch.nn.Module, targets: Sequence[str]) -> list[str]:
+    """The full names of the layers `targets` name, less those no output depends on: the context queries
+    (`add_q_proj`) of a joint-attention block whose context stream ends there (SD 3's last block drops its
+    context output). An adapter there would get no gradient, and under DDP the reducer would wait for it."""
+    dead = {f"{n}.add_q_proj" for n, m in net.named_modules() if getattr(m, "context_pre_only", False)}
+    return [n for n, _ in net.named_modules()
+            if n not in dead and any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def lora_layers(unet: torch.nn.Module) -> list[BaseTunerLayer]:

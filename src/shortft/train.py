@@ -59,8 +59,10 @@ def build_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    # Progressive training changes which adapters get gradient, so DDP must tolerate unused parameters.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
+    # Progressive training changes which adapters get gradient, so DDP must tolerate unused parameters. The
+    # networks' buffers are constants (SD 3's positional embedding): broadcasting them on every call would cost a
+    # collective per call, and would hang the main process's evaluation, which the other ranks do not run.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)
     return Accelerator(cpu=cfg.cpu, mixed_precision=precision(cfg)[1], gradient_accumulation_steps=cfg.grad_accum,
                        kwargs_handlers=[ddp])
 
