@@ -183,7 +183,7 @@ def test_a_copied_run_folder_samples_evaluates_and_resumes(tiny, tmp_path):
     assert main(["train", "--resume", str(moved), "max_steps=3"]) == 0
     assert json.loads((moved / "summary.json").read_text())["steps"] == 3
     assert files.load_checkpoint(sorted((moved / "checkpoints").glob("step-*"))[-1])[1]["step"] == 3
-    assert main(["eval", "--run", str(moved), "--prompts", tiny["prompts"], "--metrics", "asymmetry"]) is not None
+    assert main(["eval", "--run", str(moved), "--prompts", tiny["prompts"], "--metrics", "asymmetry"]) == 0
     scores = (moved / "eval" / "scores.csv").read_text().splitlines()
     assert len(scores) == 1 + 3 and scores[0].startswith("file,prompt")  # one row per prompt of the file
 

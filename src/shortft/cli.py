@@ -29,8 +29,8 @@ def registry_help() -> dict[str, str]:
 def add_train(sub) -> None:
     p = sub.add_parser("train", help="align a model with a reward (default: ShortFT on the embedded world)",
                        description="Train LoRA adapters by backpropagating a reward through the denoising chain.")
-    p.add_argument("--preset", choices=list(TRAIN_PRESETS),
-                   help="defaults to 'world' for --model world, else 'sd15'")
+    p.add_argument("--preset", help=f"one of {', '.join(TRAIN_PRESETS)}; defaults to the model's own (world, "
+                                    "world-flow, or its family's: sd15, sdxl, sd3, sd35)")
     p.add_argument("--config", help="YAML file of config keys")
     config.add_arguments(p, config.TrainConfig, registry_help())
     p.set_defaults(func=run_train)
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             add(sub)
         argv = sys.argv[1:] if argv is None else argv
         args = parser.parse_args(argv or ["train"])  # no arguments: the main job
-        return args.func(args) or 0
+        status = args.func(args)  # an exit status, or what the command made (eval's summary): then 0
+        return status if isinstance(status, int) else 0
     except UserError as err:
         print(f"shortft: error: {err}", file=sys.stderr)
         return 2

@@ -102,9 +102,11 @@ def make_tiny_sd3(path: str | Path, seed: int = 0, t5: bool = True, sample_size:
     return path
 
 
-def make_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8, width: int = 32) -> Path:
+def make_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8, width: int = 32,
+                   channels: tuple[int, int] = (16, 32)) -> Path:
     """Write a tiny SDXL-format pipeline folder (unet/ with addition_embed_type="text_time", vae/, text_encoder/,
-    text_encoder_2/ with a projection, both tokenizers, scheduler/) and return it."""
+    text_encoder_2/ with a projection, both tokenizers, scheduler/) and return it. Cross-attention runs in the
+    lower-resolution block only, as SDXL's UNet has none at its highest resolution."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
     from shortft.clip_vocab import write_clip_tokenizer
@@ -113,7 +115,7 @@ def make_tiny_sdxl(path: str | Path, seed: int = 0, sample_size: int = 8, width:
     torch.manual_seed(seed)
     time_dim = 8  # per time id; 6 of them (original size, crop, target size) join the pooled text embedding
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=channels,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=time_dim, transformer_layers_per_block=(1, 1), cross_attention_dim=2 * width,

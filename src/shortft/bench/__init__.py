@@ -34,7 +34,7 @@ class Synthetic:
 
     model: dict  # make_tiny_model / make_tiny_sd3 kwargs
     config: dict = field(default_factory=dict)  # config overrides its benchmarks run with, every method alike
-    family: str = "sd"  # "sd" (SD 1.5 format, shortft.testing.make_tiny_model) or "sd3" (make_tiny_sd3)
+    family: str = "sd"  # "sd" (SD 1.5 format, shortft.testing.make_tiny_model), "sdxl" (make_tiny_sdxl) or "sd3"
 
 
 SYNTHETIC = {  # "world" is the shipped model
@@ -47,6 +47,9 @@ SYNTHETIC = {  # "world" is the shipped model
     # SD 3-format (rectified flow) models: "small-sd3" has about as many denoiser parameters as "small"
     "tiny-sd3": Synthetic(dict(sample_size=8, width=32, layers=1), family="sd3"),
     "small-sd3": Synthetic(dict(sample_size=16, width=64, layers=4), family="sd3"),
+    # SDXL-format: "small"'s widths and latent size, with SDXL's two text encoders (2 x 32 = small's 64-wide
+    # context) and added time-id conditioning: what the conditioning costs
+    "small-sdxl": Synthetic(dict(sample_size=16, width=32, channels=(32, 64)), family="sdxl"),
 }
 
 
@@ -67,7 +70,7 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
     """Resolve `name`: "world" (the embedded model), a SYNTHETIC name (random-weight SD-format models built
     into `cache` with a random shortcut LoRA standing in for a distilled one), or a diffusers folder
     (then `shortcut` must name its shortcut LoRA)."""
-    from shortft.testing import make_tiny_lora, make_tiny_model, make_tiny_sd3
+    from shortft.testing import make_tiny_lora, make_tiny_model, make_tiny_sd3, make_tiny_sdxl
 
     if name in ("world", "world-flow"):
         from shortft.backends import resolve_model
@@ -80,7 +83,8 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
     if name in SYNTHETIC:
         synth, folder = SYNTHETIC[name], cache / f"model-{name}"
         if not (folder / "model_index.json").is_file():
-            (make_tiny_sd3 if synth.family == "sd3" else make_tiny_model)(folder, seed=0, **synth.model)
+            make = {"sd": make_tiny_model, "sdxl": make_tiny_sdxl, "sd3": make_tiny_sd3}[synth.family]
+            make(folder, seed=0, **synth.model)
         sc = folder / "shortcut.safetensors"
         if not sc.is_file():
             make_tiny_lora(folder, sc, rank=4, seed=1, scale=0.1)

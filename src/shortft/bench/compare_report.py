@@ -131,7 +131,7 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
              f"Written by `{command}` on {now()}; the runs took {sum(r['wall_s'] for r in results) / 60:.1f} "
              "minutes (the sum of their wall-clock times).", "",
              f"Machine: {machine()}; torch threads per worker: {args.threads or 'default'}.", "",
-             f"Model: {spec.label}; shortcut `{spec.shortcut}`; training prompts `{spec.prompts}`, "
+             f"Model: {spec.label}; shortcut {f'`{spec.shortcut}`' if spec.shortcut else 'the shipped one'}; training prompts `{spec.prompts}`, "
              f"held-out prompts `{spec.eval_prompts}` (first {s['eval_n']}, one fixed seed each).", "",
              f"Rewards: {', '.join(f'`{r}`' for r in rewards)}."
              + (" Missing: " + "; ".join(f"`{k}` ({v})" for k, v in missing.items()) + "." if missing else "")

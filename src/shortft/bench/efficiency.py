@@ -211,6 +211,13 @@ def run(args) -> int:
         print(f"wrote {args.out}")
         return 0
     spec = prepare_model(args.model or default_model(), workdir, args.shortcut)
+    full_report = parts == list(PARTS)
+    from shortft.backends import model_family, resolve_model
+
+    hand = model_family(resolve_model(spec.model)) == "sd"  # bench.hand writes the SD 1.5 family's chain only
+    if not hand and {"ratio", "overhead"} & set(parts):
+        print("bench efficiency: ratio and overhead need the hand-written chain (SD 1.5 family only): skipped")
+        parts = [p for p in parts if p not in ("ratio", "overhead")]
     base = dict(model=spec.model, shortcut=spec.shortcut, prompts=spec.prompts, eval_prompts=spec.eval_prompts,
                 reward=args.reward, num_steps=args.steps, batch_size=args.batch, **chain_scaled(args.steps),
                 **spec.config)
@@ -222,7 +229,7 @@ def run(args) -> int:
             print(f"bench efficiency: {label} ...", flush=True)
             results["rows"][label] = run_worker("efficiency_method", {
                 "tag": slug(label), "overrides": {**base, **over, "method": method}, "progress": progress,
-                "warmup": args.warmup, "iters": args.iters, "overhead_reps": max(2, args.reps // 2), **common}, workdir)
+                "warmup": args.warmup, "iters": args.iters, "overhead_reps": max(2, args.reps // 2) if hand else 0, **common}, workdir)
     if "ratio" in parts:
         print("bench efficiency: shortft vs full chain ...", flush=True)
         results["ratio"] = run_worker("efficiency_ratio", {"tag": "ratio", "overrides": base, "reps": args.reps,
@@ -237,6 +244,6 @@ def run(args) -> int:
         hand_rows = [r for r in rows if r[1] in HAND_METHODS]
         results["overhead"] = run_overhead(base, hand_rows, spec.preset, args.rounds, args.iters, args.threads, workdir)
     files.write_json(workdir / "results.json", results)
-    write_report(Path(args.out), spec, args, results, command_line("efficiency"), full=parts == list(PARTS))
+    write_report(Path(args.out), spec, args, results, command_line("efficiency"), full=full_report)
     print(f"wrote {args.out}")
     return 0

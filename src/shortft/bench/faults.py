@@ -163,7 +163,7 @@ def run(args) -> int:
         rows.append((method, report, max_difference(lora_weights(ref), lora_weights(faulty))))
     bad = [(what, try_bad_input(a, env, root)) for what, a, env in bad_inputs(spec.model, spec.shortcut, spec.prompts,
                                                                                root)]
-    text = report_text(rows, bad, command_line("faults"), machine(), now(), args)
+    text = report_text(rows, bad, command_line("faults"), machine(), now(), args).replace(str(root), "WORKDIR")
     Path(args.out).write_text(text)
     print(text)
     return 0
@@ -174,7 +174,7 @@ def report_text(rows, bad, command: str, machine_line: str, when: str, args) -> 
              f"Each method trains the tiny random-weight model for {args.steps} optimiser steps (a checkpoint every "
              f"step) in a subprocess that is stopped {args.rounds} times by each fault below, at random instants, "
              "and resumed with `--resume` after each; then it runs to the end. Its final LoRA files are compared "
-             "with an uninterrupted run of the same config.", "",
+             "with an uninterrupted run of the same config. WORKDIR below is `--workdir`.", "",
              "| method | SIGTERM (exit 143) | SIGINT (exit 130) | SIGKILL | SIGKILL while a checkpoint is written | "
              "faults that landed | resumes | runs that could not resume | largest LoRA weight difference |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -186,5 +186,5 @@ def report_text(rows, bad, command: str, machine_line: str, when: str, args) -> 
               "| input | exit status | traceback | error lines | message |", "|---|---|---|---|---|"]
     for what, b in bad:
         lines.append(f"| {what} | {b['status']} | {'yes' if b['traceback'] else 'no'} | {b['error_lines']} | "
-                     f"`{b['message'][:220]}` |")
+                     f"`{b['message'] if len(b['message']) <= 300 else b['message'][:300] + ' ...'}` |")
     return "\n".join(lines) + "\n"

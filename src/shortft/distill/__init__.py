@@ -43,8 +43,9 @@ def register(sub) -> None:
     """Add `shortft distill` (train a shortcut) and `shortft distill --eval` (measure one)."""
     p = sub.add_parser("distill", help="make a trajectory-preserving shortcut LoRA for a model (or --eval one)",
                        description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=list(DISTILL_PRESETS), default="default",
-                   help="named recipe; 'world' made the shipped world shortcut (default: %(default)s)")
+    p.add_argument("--preset", default="default",
+                   help=f"named recipe, one of {', '.join(DISTILL_PRESETS)}; 'world' made the shipped world shortcut, "
+                        "'world-flow' the flow world's (default: %(default)s)")
     p.add_argument("--config", help="YAML file of config keys (over the preset, under the flags)")
     add_arguments(p, DistillConfig)
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint in the work dir")

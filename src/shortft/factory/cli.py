@@ -17,8 +17,8 @@ def register(subparsers) -> None:
     pre = sub.add_parser("pretrain", help="train the world's assets from scratch (docs/world.md)",
                          description="Rebuild the embedded world's assets. Settings: --preset, then --section.key "
                                      "flags or section.key=value overrides (e.g. --vae.steps 500, unet.text=joint).")
-    pre.add_argument("--preset", choices=list(PRETRAIN_PRESETS), default="shipped",
-                     help="shipped: the recipe of the shipped assets; tiny: tiny networks, a few steps (tests)")
+    pre.add_argument("--preset", default="shipped", help=f"one of {', '.join(PRETRAIN_PRESETS)}; shipped: the recipe "
+                     "of the shipped assets; tiny: tiny networks, a few steps (tests)")
     pre.add_argument("--part", choices=[*PART_NAMES, "all"], default="all",
                      help="which asset to (re)build; all: every part in this order")
     config.add_arguments(pre, PretrainConfig)
