@@ -63,7 +63,7 @@ DISTILL_PRESETS: dict[str, dict] = {
 }
 # The flow world's shortcut (src/shortft/world/assets/flow-shortcut.safetensors, `--part flow_shortcut`): the
 # same recipe on flow-model/, on its 28-step grid; its time budget is what that rebuild ran (docs/world.md).
-DISTILL_PRESETS["world-flow"] = dict(DISTILL_PRESETS["world"], model="world-flow", time_budget=1800.0)
+DISTILL_PRESETS["world-flow"] = dict(DISTILL_PRESETS["world"], model="world-flow", time_budget=1200.0)
 
 # Config fields that may change between an interrupted run and its resume.
 RESUMABLE = {"steps", "time_budget", "checkpoint_every", "out", "work_dir", "device", "threads", "save_dtype"}

@@ -133,12 +133,12 @@ def evaluate_shortcut(model: str, shortcut: str, prompts: str = "", count: int =
 def format_table(res: dict) -> str:
     """The fidelity figures as a markdown table."""
     lines = [f"fidelity vs the {res['num_steps']}-step CFG {res['guidance']} teacher, {res['num_samples']} samples",
-             "| jump | shortcut RMSE | naive DDIM RMSE | ratio (target <= 0.3) |", "|---|---|---|---|"]
-    for r in res["segments"]:
-        lines.append(f"| {r['from']}->{r['to']} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
+             "| jump | shortcut RMSE | naive one-step jump RMSE | ratio (target <= 0.3) |", "|---|---|---|---|"]
+    for r in res["segments"]:  # times: DDIM integers, or flow times (1000 sigma) to one decimal
+        lines.append(f"| {r['from']:g}->{r['to']:g} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
     k = res["k_step"]
-    lines += ["", f"| {len(k['timesteps'])}-step sample ({', '.join(map(str, k['timesteps']))}) | shortcut RMSE | "
-              "naive DDIM RMSE | ratio (target <= 0.5) |", "|---|---|---|---|"]
+    lines += ["", f"| {len(k['timesteps'])}-step sample ({', '.join(f'{t:g}' for t in k['timesteps'])}) | shortcut RMSE | "
+              "naive one-step jumps RMSE | ratio (target <= 0.5) |", "|---|---|---|---|"]
     for space in ("latent", "pixel"):
         r = k[space]
         lines.append(f"| {space} | {r['shortcut_rmse']:.4f} | {r['naive_rmse']:.4f} | {r['ratio']:.3f} |")
