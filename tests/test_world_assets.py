@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 
+import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -91,9 +92,11 @@ def test_shipped_shortcut_preserves_trajectories():
             x, at = teacher, end
 
 
-def test_two_step_train_on_the_shipped_world(tmp_path):
+@pytest.mark.parametrize("model", ["world", "world-flow"])
+def test_two_step_train_on_each_shipped_world(model, tmp_path):
+    """A complete, portable run folder (the model recorded by name), and `shortft eval --run` on it."""
     run = tmp_path / "run"
-    assert main(["train", "max_steps=2", "eval_count=2", f"run_dir={run}"]) == 0
+    assert main(["train", "--model", model, "max_steps=2", "eval_count=2", f"run_dir={run}"]) == 0
     for name in ("config.yaml", "reward_curve.png", "before_after.png", "summary.json", "lora/shortft.json",
                  "lora/lora1.safetensors", "lora/lora4.safetensors"):
         assert (run / name).is_file(), name
@@ -101,5 +104,9 @@ def test_two_step_train_on_the_shipped_world(tmp_path):
     for when in ("before", "after"):
         assert set(summary[when]["fidelity"]) >= {"shape", "colour", "size", "position", "background"}
     assert summary["steps"] == 2
-
-
+    assert f"model: {model}\n" in (run / "config.yaml").read_text()
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on the left\na small blue square\n")
+    assert main(["eval", "--run", str(run), "--prompts", str(prompts), "--metrics", "world_clip,prompt_fidelity"]) == 0
+    rows = (run / "eval" / "scores.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 and "world_clip" in rows[0] and "prompt_fidelity" in rows[0]

@@ -220,7 +220,7 @@ def overrides_from_args(cls, args) -> dict:
 @dataclass
 class TrainConfig:
     # --- model --------------------------------------------------------------------------------------------
-    model: str = "world"  # hub id, local diffusers folder, or "world" (the embedded small model)
+    model: str = "world"  # hub id, local diffusers folder, "world" or "world-flow" (the embedded small models)
     shortcut: str = ""  # shortcut LoRA: local file or repo_id/filename; "" = the embedded model's shipped one; "none" = ShortFT with the base model's own one-step jump
     shortcut_scale: float = 1.0  # multiplier on the shortcut LoRA (Hyper-SD's N-step LoRAs use 1.0)
     shortcut_guidance: float = 1.0  # CFG of shortcut steps; Hyper-SD is distilled without CFG, so 1 (off)

@@ -32,6 +32,21 @@ def update(optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, clip
     return loss.item()
 
 
+@torch.no_grad()
+def ema_update(ema: list[torch.Tensor], params: list[torch.Tensor], step: int, rate: float) -> None:
+    """One step of the weights' moving average, its decay warmed up: min(rate, (1 + step) / (10 + step))."""
+    decay = min(rate, (1 + step) / (10 + step))
+    for e, p in zip(ema, params):
+        e.lerp_(p.detach(), 1 - decay)
+
+
+@torch.no_grad()
+def load_ema(params: list[torch.Tensor], ema: list[torch.Tensor]) -> None:
+    """Put the moving average into the trained weights (what is shipped)."""
+    for e, p in zip(ema, params):
+        p.copy_(e)
+
+
 def load_as_fp32(folder: Path) -> None:
     """Weights ship in fp16 (half the size); mark a transformers config so that a plain from_pretrained
     (dtype "auto" in transformers 5) loads them in fp32, as diffusers does for the UNet and VAE, so a

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from shortft.config import to_dict
 from shortft.factory.clip import text_config
-from shortft.factory.common import load_as_fp32, lr_at, require, update
+from shortft.factory.common import ema_update, load_as_fp32, load_ema, lr_at, require, update
 from shortft.factory.config import PretrainConfig
 from shortft.factory.resume import Checkpointer
 from shortft.factory.tokenizer import load_tokenizer, tokenize
@@ -160,16 +160,11 @@ def pretrain_unet(cfg: PretrainConfig):
         loss = denoising_loss(unet, text, text_trains, x0 * scale, ids, acp, c.highnoise, g)
         lr = lr_at(step, c.steps, c.lr, c.lr_min, c.warmup)
         losses.append(update(opt, loss, lr, clip=params))
-        decay = min(c.ema, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for e, p in zip(ema, params):
-                e.lerp_(p.detach(), 1 - decay)
+        ema_update(ema, params, step, c.ema)
         ckpt.step_done(step + 1)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", lr=f"{lr:.1e}")
-    with torch.no_grad():  # ship the EMA weights
-        for e, p in zip(ema, params):
-            p.copy_(e)
+    load_ema(params, ema)  # ship the EMA weights
     save_world_model(model_dir, unet, text, tok)
     return unet, text, losses
 
