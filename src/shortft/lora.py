@@ -75,7 +75,8 @@ def add_lora(unet: torch.nn.Module, name: str, rank: int, alpha: float | None = 
 def live_targets(net: torch.nn.Module, targets: Sequence[str]) -> list[str]:
     """The full names of the layers `targets` name, less those no output depends on: the context queries
     (`add_q_proj`) of a joint-attention block whose context stream ends there (SD 3's last block drops its
-    context output). An adapter there would get no gradient, and under DDP the reducer would wait for it."""
+    context output). An adapter there would never get a gradient: its zero B would stay zero, dead weight in
+    every file and optimiser step."""
     dead = {f"{n}.add_q_proj" for n, m in net.named_modules() if getattr(m, "context_pre_only", False)}
     return [n for n, _ in net.named_modules()
             if n not in dead and any(n == t or n.endswith("." + t) for t in targets)]
