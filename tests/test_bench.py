@@ -337,3 +337,17 @@ def test_real_size_table_fits_the_native_resolution_and_says_what_fits():
     gpu_gb = 2.0 + 2e-2 * 512 ** 2 / 2e3  # 4.6 GB
     assert f"| shortft (stage 1) | 18 | 8 | 2.6 | 328 | 7.6 | 1311 | 27.2 | 5.2 | {gpu_gb:.1f} | yes / yes / yes |" in text
     assert "128 px: time 0.50x, memory added 1.00x" in text and "**estimates**" in text
+
+
+def test_worker_result_is_reused_only_for_the_identical_spec(tmp_path):
+    """An interrupted real-size table continues: a result already in the work folder from the same spec is
+    returned without running the worker again; a changed spec runs it (here: a worker that does not exist)."""
+    from shortft.bench import run_worker
+
+    spec = {"tag": "a", "iters": 1}
+    (tmp_path / "nope-a.spec.json").write_text(json.dumps(spec))
+    (tmp_path / "nope-a.json").write_text(json.dumps({"seconds_median": 1.5}))
+    assert run_worker("nope", spec, tmp_path, reuse=True) == {"seconds_median": 1.5}
+    with pytest.raises(RuntimeError, match="nope-a"):
+        run_worker("nope", {**spec, "iters": 2}, tmp_path, reuse=True)
+    assert not (tmp_path / "nope-a.json").exists()  # the stale result is not left behind for the new spec

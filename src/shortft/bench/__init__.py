@@ -114,12 +114,17 @@ def chain_scaled(num_steps: int) -> dict:
 
 
 # --- subprocess workers --------------------------------------------------------------------------------------
-def run_worker(worker: str, spec: dict, workdir: Path, timeout: float | None = None) -> dict:
+def run_worker(worker: str, spec: dict, workdir: Path, timeout: float | None = None, reuse: bool = False) -> dict:
     """Run `worker` (a name in shortft.bench.__main__.WORKERS) on `spec` in a fresh Python process and
-    return its JSON result. The worker's output goes to a log file beside the result."""
+    return its JSON result. The worker's output goes to a log file beside the result. With `reuse`, a result
+    already in `workdir` from the identical spec is returned without running it again (a long benchmark
+    that was interrupted continues where it stopped)."""
     workdir.mkdir(parents=True, exist_ok=True)
     tag = f"{worker}-{spec.get('tag', 'x')}"
     spec_file, out_file, log_file = workdir / f"{tag}.spec.json", workdir / f"{tag}.json", workdir / f"{tag}.log"
+    if reuse and out_file.is_file() and spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+        print(f"bench: {tag} already measured in {workdir}, reusing it", flush=True)
+        return json.loads(out_file.read_text())
     files.write_json(spec_file, spec)
     out_file.unlink(missing_ok=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}

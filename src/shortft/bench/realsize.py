@@ -5,7 +5,8 @@ The architecture is built offline from its published config with random weights 
 with a random LoRA of the shortcut's format standing in for Hyper-SD's; time and memory do not depend on the
 weights' values. Every row runs its family's preset (sd15 / sdxl / sd35: LoRA rank, chain length, CFG),
 batch 1, at each resolution, in a fresh process: `--warmup` untimed iterations, then `--iters` timed ones
-(seconds: their median; memory: peak RSS, or on a GPU CUDA max_memory_allocated).
+(seconds: their median; memory: peak RSS, or on a GPU CUDA max_memory_allocated). A row already measured in
+the work folder with the same settings is not run again, so an interrupted table continues when rerun.
 
 The native-resolution columns are estimates where the native resolution was not run: a least-squares line
 in the pixel count through the measured resolutions, for the seconds and for the memory the iteration added
@@ -65,7 +66,8 @@ def run_arch(args, rows: list[tuple], workdir: Path) -> dict:
             out["rows"].setdefault(label, {})[str(res)] = run_worker("efficiency_method", {
                 "tag": f"{args.arch}-{res}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
                 "overrides": {**base, **over, "method": method, "resolution": res}, "progress": progress,
-                "warmup": args.warmup, "iters": args.iters, "overhead_reps": 0, "threads": args.threads}, workdir)
+                "warmup": args.warmup, "iters": args.iters, "overhead_reps": 0, "threads": args.threads},
+                workdir, reuse=True)
     return out
 
 
