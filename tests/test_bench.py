@@ -262,7 +262,9 @@ def test_efficiency_row_and_report(common, tiny, tmp_path):
 
 
 def fake_side(seconds: float, mb: float, loss: float) -> dict:
-    return {"seconds": [seconds, 9.0, seconds], "loss": [loss, loss], "rss_mb": mb}  # 9.0: an outlier
+    # 7.0 and 5.0: a first (warm-up) iteration, left out of the time medians; 9.0: an outlier
+    return {"seconds": [7.0, seconds, 9.0, seconds], "cpu_seconds": [5.0, seconds / 2, seconds / 2, 9.0],
+            "loss": [loss, loss], "rss_mb": mb}
 
 
 def test_overhead_rounds_interleave_and_summarise(tmp_path):
@@ -282,13 +284,15 @@ def test_overhead_rounds_interleave_and_summarise(tmp_path):
     assert calls[0][1:] == ("shortft", 0.3)
     table = overhead_bench.summarise_overhead(results)
     row = table["full (checkpointed)"]
-    assert row["engine"] == {"s": 0.3, "rss_mb": 30.0} and row["hand"] == {"s": 0.2, "rss_mb": 20.0}
-    assert row["time"] == pytest.approx(0.5) and row["rss"] == pytest.approx(0.5)
+    assert row["engine"] == {"s": 0.3, "cpu_s": 0.15, "rss_mb": 30.0}
+    assert row["hand"] == {"s": 0.2, "cpu_s": 0.1, "rss_mb": 20.0}
+    assert row["time"] == pytest.approx(0.5) and row["cpu"] == pytest.approx(0.5) and row["rss"] == pytest.approx(0.5)
     assert row["loss_diff"] == pytest.approx(1e-6, rel=1e-3)
     args = argparse.Namespace(threads=1, steps=50, batch=2, reward="symmetry", rounds=2, iters=3)
     spec = ModelSpec("m", "s", "p", "p", "medium", config={"guidance": 7.5, "lora_layers": "attn"})
     lines = efficiency_report.overhead_section(results, spec, args, "shortft bench efficiency --only overhead")
-    assert "| full (checkpointed) | 0.300 | 0.200 | +50.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" in lines
+    assert "| full (checkpointed) | 0.300 | 0.200 | +50.0% | 0.150 | 0.100 | +50.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" \
+        in lines
     assert "'lora_layers': 'attn'" in lines[0] and "--only overhead" in lines[0]
 
 
@@ -299,7 +303,8 @@ def test_overhead_worker_sides_agree(common):
     engine = overhead_bench.worker_side({**spec, "side": "engine"})
     hand = overhead_bench.worker_side({**spec, "side": "hand"})
     assert engine["loss"] == pytest.approx(hand["loss"], rel=1e-5) and engine["loss"][0] != engine["loss"][1]
-    assert len(engine["seconds"]) == len(hand["seconds"]) == 2 and set(engine) == set(hand)
+    assert len(engine["seconds"]) == len(hand["seconds"]) == len(engine["cpu_seconds"]) == 2 and set(engine) == set(hand)
+    assert 0 < engine["cpu_seconds"][1] and 0 < hand["cpu_seconds"][1]
 
 
 def test_only_some_parts_replace_their_sections(tmp_path):

@@ -63,11 +63,11 @@ def train_iteration(ctx: dict, it: int, progress: float) -> dict:
 
     cfg, method, backend, acc = ctx["cfg"], ctx["method"], ctx["backend"], ctx["acc"]
     sync(ctx["device"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     lora.set_trainable(backend.net, method.trainable(progress))
     rewards, info, grad_norm, _, loss = optimizer_step(cfg, acc, backend, method, ctx["reward"], ctx["prompts"],
                                                        ctx["params"], ctx["opt"], it, progress)
     reward = float(acc.gather(rewards).mean())
     sync(ctx["device"])
-    return {"seconds": time.perf_counter() - t0, "loss": loss, "grad_norm": grad_norm, "reward": reward,
-            "unet_calls": info["unet_calls"], "graph_calls": info["graph_calls"], "stage": info.get("stage", 0)}
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "loss": loss,
+            "grad_norm": grad_norm, "reward": reward, "unet_calls": info["unet_calls"], "graph_calls": info["graph_calls"], "stage": info.get("stage", 0)}

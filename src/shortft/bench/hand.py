@@ -72,7 +72,7 @@ def hand_iteration(ctx: dict, it: int, progress: float, zero_grad: bool = True) 
         return (vae.decode(z / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
     sync(ctx["device"])
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ro, rng = make_rollout(cfg, backend, ctx["prompts"], ctx["reward"], it)
     steps = ctx["method"].plan(progress, rng).steps
     x0 = raw_chain(backend, steps, ro.x_T, ro.cond, ro.uncond)
@@ -94,5 +94,6 @@ def hand_iteration(ctx: dict, it: int, progress: float, zero_grad: bool = True) 
         ctx["opt"].zero_grad(set_to_none=True)
     reward = float(rewards.detach().mean())
     sync(ctx["device"])
-    return {"seconds": time.perf_counter() - t0, "loss": float(loss.detach()), "grad_norm": grad_norm,
+    return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
+            "loss": float(loss.detach()), "grad_norm": grad_norm,
             "reward": reward}

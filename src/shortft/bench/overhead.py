@@ -35,7 +35,8 @@ def worker_side(spec: dict) -> dict:
     before = memory_mark(ctx["device"])
     its = [iteration(ctx, i, spec["progress"]) for i in range(spec["iters"])]
     peak = memory_peak(ctx["device"])
-    return {"seconds": [x["seconds"] for x in its], "loss": [x["loss"] for x in its],
+    return {"seconds": [x["seconds"] for x in its], "cpu_seconds": [x["cpu_seconds"] for x in its],
+            "loss": [x["loss"] for x in its],
             **{key: peak[key] - before[key] for key in before}}
 
 
@@ -60,9 +61,19 @@ def ratio(a: float, b: float) -> float:
     return a / b - 1 if b > 0 else float("nan")
 
 
+def steady(values: list[float]) -> list[float]:
+    """A process's iterations after its first (the first pays one-off costs: the allocator's growth, lazy
+    initialisation; a training run amortises them over thousands of steps); all of them if there is one."""
+    return values[1:] if len(values) > 1 else values
+
+
 def side_medians(runs: list[dict]) -> dict:
-    """Median over rounds of one side's median seconds per iteration and of the memory it added (MB)."""
-    out = {"s": median([median(r["seconds"]) for r in runs]), "rss_mb": median([r["rss_mb"] for r in runs])}
+    """Median over rounds of one side's median seconds per steady iteration (wall clock, and CPU time of the
+    process: immune to the process being descheduled on a shared machine) and of the memory it added (MB,
+    over every iteration, the first included)."""
+    out = {"s": median([median(steady(r["seconds"])) for r in runs]), "rss_mb": median([r["rss_mb"] for r in runs])}
+    if "cpu_seconds" in runs[0]:
+        out["cpu_s"] = median([median(steady(r["cpu_seconds"])) for r in runs])
     if "cuda_mb" in runs[0]:
         out["cuda_mb"] = median([r["cuda_mb"] for r in runs])
     return out
@@ -78,6 +89,8 @@ def summarise_overhead(results: dict) -> dict:
         row = {"engine": engine, "hand": hand, "time": ratio(engine["s"], hand["s"]),
                "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
                "loss_diff": max(abs(e - h) / max(abs(h), 1e-12) for e, h in losses)}
+        if "cpu_s" in engine and "cpu_s" in hand:
+            row["cpu"] = ratio(engine["cpu_s"], hand["cpu_s"])
         if "cuda_mb" in engine:
             row["cuda"] = ratio(engine["cuda_mb"], hand["cuda_mb"])
         table[label] = row
