@@ -115,7 +115,8 @@ def overhead_section(overhead: dict, spec: ModelSpec, args, command: str) -> lis
              f"{args.iters} iterations in a fresh process. Time: median over rounds of each process's median "
              "seconds per iteration after its first (the first pays one-off costs, the same for both sides), as "
              "wall clock and as the process's CPU time (one thread: what it computed, not counting the time "
-             "it waited for a core on a shared machine). Memory: what the iterations added, peak RSS minus RSS before the first "
+             "it waited for a core on a shared machine). Memory: what the iterations added, peak RSS minus "
+             "RSS before the first "
              "(the process's peak-RSS mark reset after setup)" + ("; CUDA: max_memory_allocated minus allocated "
                                                                   "before" if gpu else "") + ", median over "
              "rounds. Overheads are engine / hand - 1. 'loss diff' is the largest relative difference of the "
@@ -126,8 +127,8 @@ def overhead_section(overhead: dict, spec: ModelSpec, args, command: str) -> lis
              "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if gpu else "") + "---|"]
     for label, r in table.items():
         e, h = r["engine"], r["hand"]
-        cpu = (f"{fmt(e['cpu_s'])} | {fmt(h['cpu_s'])} | {pct(r['cpu'])}" if "cpu" in r else "n/a | n/a | n/a")
-        lines.append(f"| {label} | {fmt(e['s'])} | {fmt(h['s'])} | {pct(r['time'])} | {cpu} | {e['rss_mb']:.1f} | "
+        lines.append(f"| {label} | {fmt(e['s'])} | {fmt(h['s'])} | {pct(r['time'])} | {fmt(e['cpu_s'])} | "
+                     f"{fmt(h['cpu_s'])} | {pct(r['cpu'])} | {e['rss_mb']:.1f} | "
                      f"{h['rss_mb']:.1f} | {pct(r['rss'])} | "
                      + (f"{e['cuda_mb']:.1f} | {h['cuda_mb']:.1f} | {pct(r['cuda'])} | " if gpu else "")
                      + f"{r['loss_diff']:.1e} |")

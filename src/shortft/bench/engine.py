@@ -70,4 +70,5 @@ def train_iteration(ctx: dict, it: int, progress: float) -> dict:
     reward = float(acc.gather(rewards).mean())
     sync(ctx["device"])
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "loss": loss,
-            "grad_norm": grad_norm, "reward": reward, "unet_calls": info["unet_calls"], "graph_calls": info["graph_calls"], "stage": info.get("stage", 0)}
+            "grad_norm": grad_norm, "reward": reward, "unet_calls": info["unet_calls"],
+            "graph_calls": info["graph_calls"], "stage": info.get("stage", 0)}

@@ -95,5 +95,4 @@ def hand_iteration(ctx: dict, it: int, progress: float, zero_grad: bool = True) 
     reward = float(rewards.detach().mean())
     sync(ctx["device"])
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
-            "loss": float(loss.detach()), "grad_norm": grad_norm,
-            "reward": reward}
+            "loss": float(loss.detach()), "grad_norm": grad_norm, "reward": reward}

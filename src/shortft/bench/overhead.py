@@ -71,9 +71,9 @@ def side_medians(runs: list[dict]) -> dict:
     """Median over rounds of one side's median seconds per steady iteration (wall clock, and CPU time of the
     process: immune to the process being descheduled on a shared machine) and of the memory it added (MB,
     over every iteration, the first included)."""
-    out = {"s": median([median(steady(r["seconds"])) for r in runs]), "rss_mb": median([r["rss_mb"] for r in runs])}
-    if "cpu_seconds" in runs[0]:
-        out["cpu_s"] = median([median(steady(r["cpu_seconds"])) for r in runs])
+    out = {"s": median([median(steady(r["seconds"])) for r in runs]),
+           "cpu_s": median([median(steady(r["cpu_seconds"])) for r in runs]),
+           "rss_mb": median([r["rss_mb"] for r in runs])}
     if "cuda_mb" in runs[0]:
         out["cuda_mb"] = median([r["cuda_mb"] for r in runs])
     return out
@@ -87,10 +87,8 @@ def summarise_overhead(results: dict) -> dict:
         engine, hand = side_medians(sides["engine"]), side_medians(sides["hand"])
         losses = [(e, h) for a, b in zip(sides["engine"], sides["hand"]) for e, h in zip(a["loss"], b["loss"])]
         row = {"engine": engine, "hand": hand, "time": ratio(engine["s"], hand["s"]),
-               "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
+               "cpu": ratio(engine["cpu_s"], hand["cpu_s"]), "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
                "loss_diff": max(abs(e - h) / max(abs(h), 1e-12) for e, h in losses)}
-        if "cpu_s" in engine and "cpu_s" in hand:
-            row["cpu"] = ratio(engine["cpu_s"], hand["cpu_s"])
         if "cuda_mb" in engine:
             row["cuda"] = ratio(engine["cuda_mb"], hand["cuda_mb"])
         table[label] = row
