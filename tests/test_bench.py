@@ -258,7 +258,13 @@ def test_efficiency_row_and_report(common, tiny, tmp_path):
         assert column in text
     assert "| raw UNet calls | 1.000 | 4.000 | 0.250 |" in text
     assert "| engine overhead | +5.0% | +5.0% | |" in text and "| 10 | 1.5 [1, 2] | 0.5 [0.5, 0.5] |" in text
-    assert "| shortft (stage 1) | 6 | 6 |" in text
+    assert "| shortft (stage 1) | 6 | 6 |" in text and f"{NUM_STEPS} DDIM steps" in text
+
+
+def test_report_names_the_chain_update_of_the_model_family(tiny, tiny_sd3):
+    args = argparse.Namespace(steps=28, batch=1, reward="symmetry")
+    for model, update in ((tiny["model"], "28 DDIM steps"), (tiny_sd3["model"], "28 flow (Euler) steps")):
+        assert update in efficiency_report.setup_text(ModelSpec(model, "", "", "", "m"), args)
 
 
 def fake_side(seconds: float, mb: float, loss: float) -> dict:
