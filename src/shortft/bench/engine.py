@@ -52,19 +52,22 @@ def build_context(overrides: dict, preset: str | None = "world", prepare: bool =
     if acc:
         backend.denoiser, opt = acc.prepare(backend.denoiser, opt)
     return dict(cfg=cfg, acc=acc, device=device, backend=backend, method=method, reward=reward, params=params,
-                opt=opt, prompts=load_prompts(cfg.prompts))
+                opt=opt, prompts=load_prompts(cfg.prompts), trainable=method.adapter_names())
 
 
 def train_iteration(ctx: dict, it: int, progress: float) -> dict:
-    """Step `it` of `train`'s loop as it runs there: the trainable adapters of the stage, then
-    `train.optimizer_step` (rollout, plan, chain, decode, reward, backward, clipping, AdamW)."""
+    """Step `it` of `train`'s loop as it runs there: the trainable adapters of the stage (set when they
+    change, as the loop does: a parameter walk), then `train.optimizer_step` (rollout, plan, chain, decode,
+    reward, backward, clipping, AdamW)."""
     from shortft import lora
     from shortft.train import optimizer_step
 
     cfg, method, backend, acc = ctx["cfg"], ctx["method"], ctx["backend"], ctx["acc"]
     sync(ctx["device"])
     t0, c0 = time.perf_counter(), time.process_time()
-    lora.set_trainable(backend.net, method.trainable(progress))
+    if method.trainable(progress) != ctx["trainable"]:
+        ctx["trainable"] = method.trainable(progress)
+        lora.set_trainable(backend.net, ctx["trainable"])
     rewards, info, grad_norm, _, loss = optimizer_step(cfg, acc, backend, method, ctx["reward"], ctx["prompts"],
                                                        ctx["params"], ctx["opt"], it, progress)
     reward = float(acc.gather(rewards).mean())
