@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from shortft import lora
-from shortft.bench import ModelSpec, chain_scaled, compare, compare_report, efficiency, efficiency_report
+from shortft.bench import ModelSpec, chain_scaled, compare, compare_report, efficiency, efficiency_report, prepare_model
 from shortft.bench import overhead as overhead_bench
 from shortft.bench.engine import build_context, train_iteration
 from shortft.bench.hand import hand_iteration
@@ -264,7 +264,8 @@ def test_efficiency_row_and_report(common, tiny, tmp_path):
 def test_report_names_the_chain_update_of_the_model_family(tiny, tiny_sd3):
     args = argparse.Namespace(steps=28, batch=1, reward="symmetry")
     for model, update in ((tiny["model"], "28 DDIM steps"), (tiny_sd3["model"], "28 flow (Euler) steps")):
-        assert update in efficiency_report.setup_text(ModelSpec(model, "", "", "", "m"), args)
+        spec = prepare_model(model, tiny["root"], shortcut="x.safetensors")
+        assert update in efficiency_report.setup_text(spec, args)
 
 
 def fake_side(seconds: float, mb: float, loss: float) -> dict:

@@ -64,6 +64,7 @@ class ModelSpec:
     label: str  # how reports name it
     preset: str | None = "world"  # config preset the runs start from (None: the config's default for the model)
     config: dict = field(default_factory=dict)  # config overrides that come with the model (Synthetic.config)
+    family: str = "sd"  # the backend family of the model ("sd", "sdxl" or "sd3"): what its chain's updates are
 
 
 def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
@@ -79,7 +80,8 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
         resolve_model(name)  # a MissingFileError when the embedded model is not there
         if not shortcut and not SHIPPED_SHORTCUTS[name].is_file():
             raise MissingFileError(f"the shortcut of {name!r} is missing at {SHIPPED_SHORTCUTS[name]}; pass --shortcut FILE")
-        return ModelSpec(name, shortcut or "", "world-train", "world-heldout", name, preset=name)
+        return ModelSpec(name, shortcut or "", "world-train", "world-heldout", name, preset=name,
+                         family="sd3" if name == "world-flow" else "sd")
     if name in SYNTHETIC:
         synth, folder = SYNTHETIC[name], cache / f"model-{name}"
         if not (folder / "model_index.json").is_file():
@@ -91,13 +93,15 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
         prompts = folder / "prompts.txt"
         prompts.write_text("\n".join(SYNTHETIC_PROMPTS) + "\n")
         return ModelSpec(str(folder), shortcut or str(sc), str(prompts), str(prompts),
-                         f"{name} (random weights, {synth.model})", config=synth.config)
+                         f"{name} (random weights, {synth.model})", config=synth.config, family=synth.family)
     if not (Path(name) / "model_index.json").is_file():
         raise MissingFileError(f"--model {name!r}: not 'world', one of {', '.join(SYNTHETIC)}, "
                                "nor a diffusers pipeline folder (model_index.json)")
     if not shortcut:
         raise ConfigError(f"--model {name!r} needs --shortcut (a shortcut LoRA file for that model)")
-    return ModelSpec(name, shortcut, "simple-animals", "simple-animals", name, preset=None)
+    from shortft.backends import model_family
+
+    return ModelSpec(name, shortcut, "simple-animals", "simple-animals", name, preset=None, family=model_family(name))
 
 
 SYNTHETIC_PROMPTS = ["a red circle on the left", "a blue square at the top", "a small green triangle",

@@ -33,9 +33,7 @@ def pct(x: float) -> str:
 
 def setup_text(spec: ModelSpec, args) -> str:
     """Model, chain, batch, reward and config of every part."""
-    from shortft.backends import model_family, resolve_model
-
-    update = "flow (Euler)" if model_family(resolve_model(spec.model)) == "sd3" else "DDIM"
+    update = "flow (Euler)" if spec.family == "sd3" else "DDIM"
     return (f"Model: {spec.label}; {args.steps} {update} steps, batch {args.batch}, reward `{args.reward}`, the "
             f"default config otherwise" + (f" with `{spec.config}`" if spec.config else "")
             + " (same for every method).")
