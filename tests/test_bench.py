@@ -91,7 +91,7 @@ def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
     assert len(figs) == 2 and all(p.is_file() and p.stat().st_size > 1000 for p in figs.values())
     spec = ModelSpec(tiny["model"], tiny["shortcut"], tiny["prompts"], tiny["prompts"], "tiny")
     args = argparse.Namespace(threads=1, workdir=str(root))
-    text = compare_report.report(results, ["symmetry"], {"world_clip": "not registered"}, s, spec, {}, args,
+    text = compare_report.report(results, ["symmetry"], {"world_clip": "not registered"}, s, spec, {"num_steps": NUM_STEPS}, args,
                                  "shortft bench compare --test", figs, tmp_path)
     for column in ("held-out symmetry ↑", "asymmetry ↓", "JPEG kB", "steps", "s/it", "UNet calls",
                    "graph calls/it", "train s", "seeds"):
@@ -101,7 +101,7 @@ def test_report_has_every_column_and_figure(compare_results, tiny, tmp_path):
     assert "`world_clip` (not registered)" in text  # missing rewards are named
     base = next(r for r in results if r["variant"] == "base")["metrics"]
     assert f"| base (no fine-tuning) | {base['reward:symmetry']:.3f} | {base['asymmetry']:.3f} |" in text
-    assert "| shortcut model, its few-step chain |" in text and "| base, 50-step chain |" in text
+    assert "| shortcut model, its few-step chain |" in text and f"| base, {NUM_STEPS}-step chain |" in text
     for v in compare.VARIANTS:
         assert f"| {v} |" in text
     assert "shortft vs draft-lv: higher is" in text

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from shortft.bench import ModelSpec, machine, median, now
 from shortft.bench.variants import ABLATIONS, FIDELITY, TABLE1, TABLE2
+from shortft.config import build_config
 
 
 # --- aggregation ---------------------------------------------------------------------------------------------
@@ -126,6 +127,7 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
     world = spec.model in ("world", "world-flow")
     base = next((r for r in results if r["variant"] == "base"), None)
     base_sc = next((r for r in results if r["variant"] == "base-shortcut"), None)
+    steps = build_config(spec.preset, overrides=common).num_steps  # the original chain's length
     lines = ["# Results: ShortFT and its baselines at equal compute on the embedded world"
              if world else f"# Results: ShortFT and its baselines at equal compute ({spec.label})", "",
              f"Written by `{command}` on {now()}; the runs took {sum(r['wall_s'] for r in results) / 60:.1f} "
@@ -168,13 +170,13 @@ def report(results, rewards, missing, s, spec: ModelSpec, common, args, command,
                      table(results, [v for v in ABLATIONS if v in s["variants"]], reward, kind, budget, rewards,
                            world) + [""]
         lines += [f"### Table 2 shape: fine-tune the base (shortft) vs the shortcut model (shortcut-ft) "
-                  f"({title})", "", "shortft samples with the original 50-step chain; shortcut-ft samples with "
+                  f"({title})", "", f"shortft samples with the original {steps}-step chain; shortcut-ft samples with "
                   "the shortcut's own few-step chain, so each has its own untuned starting point (the two "
                   "base rows).", ""]
         for reward in rewards:
             lines += [f"trained on `{reward}`:", ""] + \
                      table(results, [v for v in TABLE2 if v in s["variants"]], reward, kind, budget, rewards,
-                           world, [("base, 50-step chain", base),
+                           world, [(f"base, {steps}-step chain", base),
                                    ("shortcut model, its few-step chain", base_sc)]) + [""]
         lines += [f"### Shortcut fidelity: the distilled shortcut vs the base model's own one-step jump ({title})",
                   "", "shortft-naive-jump is ShortFT with `shortcut=none`: each jump over a segment's inner steps "
