@@ -74,14 +74,14 @@ def prepare_model(name: str, cache: Path, shortcut: str = "") -> ModelSpec:
     from shortft.testing import make_tiny_lora, make_tiny_model, make_tiny_sd3, make_tiny_sdxl
 
     if name in ("world", "world-flow"):
-        from shortft.backends import resolve_model
+        from shortft.backends import model_family, resolve_model
         from shortft.world import SHIPPED_SHORTCUTS
 
-        resolve_model(name)  # a MissingFileError when the embedded model is not there
+        folder = resolve_model(name)  # a MissingFileError when the embedded model is not there
         if not shortcut and not SHIPPED_SHORTCUTS[name].is_file():
             raise MissingFileError(f"the shortcut of {name!r} is missing at {SHIPPED_SHORTCUTS[name]}; pass --shortcut FILE")
         return ModelSpec(name, shortcut or "", "world-train", "world-heldout", name, preset=name,
-                         family="sd3" if name == "world-flow" else "sd")
+                         family=model_family(folder))
     if name in SYNTHETIC:
         synth, folder = SYNTHETIC[name], cache / f"model-{name}"
         if not (folder / "model_index.json").is_file():
