@@ -268,43 +268,49 @@ def test_report_names_the_chain_update_of_the_model_family(tiny, tiny_sd3):
         assert update in efficiency_report.setup_text(spec, args)
 
 
-def fake_side(seconds: float, mb: float, loss: float) -> dict:
-    # 7.0 and 5.0: a first (warm-up) iteration, left out of the time medians; 9.0: an outlier
-    return {"seconds": [7.0, seconds, 9.0, seconds], "cpu_seconds": [5.0, seconds / 2, seconds / 2, 9.0],
-            "loss": [loss, loss], "rss_mb": mb}
+def fake_paired(engine_s: list[float], hand_s: list[float], loss: float) -> dict:
+    return {"engine": {"seconds": engine_s, "cpu_seconds": [x / 2 for x in engine_s], "loss": [loss] * len(engine_s)},
+            "hand": {"seconds": hand_s, "cpu_seconds": [x / 2 for x in hand_s], "loss": [loss + 1e-6] * len(hand_s)}}
 
 
-def test_overhead_rounds_interleave_and_summarise(tmp_path):
+def test_overhead_rounds_pair_time_and_measure_memory_per_side(tmp_path):
     calls = []
 
     def runner(worker, spec, workdir):
-        calls.append((spec["tag"], spec["overrides"]["method"], spec["progress"]))
-        engine = spec["side"] == "engine"
-        return fake_side(0.3 if engine else 0.2, 30.0 if engine else 20.0, -1.0 if engine else -1.0 + 1e-6)
+        calls.append((worker, spec["tag"], spec["overrides"]["method"], spec["progress"]))
+        if worker == "overhead_paired":
+            # first iterations (9.0, 5.0) are left out; the machine slows down over the process, both sides alike
+            return fake_paired([9.0, 1.1, 2.2, 4.4], [5.0, 1.0, 2.0, 4.0], -1.0)
+        return {"seconds": [1.0], "cpu_seconds": [1.0], "loss": [-1.0],
+                "rss_mb": 30.0 if spec["side"] == "engine" else 20.0}
 
     rows = [("shortft (stage 2)", "shortft", {}, 0.3), ("full (checkpointed)", "full", {}, 0.0)]
     results = overhead_bench.run_overhead({"reward": "symmetry"}, rows, "world", 2, 3, 1, tmp_path, runner=runner)
-    assert [c[0] for c in calls] == [
-        "overhead-shortft_stage_2-engine-r0", "overhead-shortft_stage_2-hand-r0",
-        "overhead-full_checkpointed-engine-r0", "overhead-full_checkpointed-hand-r0", "overhead-shortft_stage_2-hand-r1", "overhead-shortft_stage_2-engine-r1",
-        "overhead-full_checkpointed-hand-r1", "overhead-full_checkpointed-engine-r1"]
-    assert calls[0][1:] == ("shortft", 0.3)
+    assert [c[1] for c in calls] == [
+        "overhead-shortft_stage_2-paired-r0", "overhead-shortft_stage_2-engine-r0", "overhead-shortft_stage_2-hand-r0",
+        "overhead-full_checkpointed-paired-r0", "overhead-full_checkpointed-engine-r0", "overhead-full_checkpointed-hand-r0",
+        "overhead-shortft_stage_2-paired-r1", "overhead-shortft_stage_2-hand-r1", "overhead-shortft_stage_2-engine-r1",
+        "overhead-full_checkpointed-paired-r1", "overhead-full_checkpointed-hand-r1", "overhead-full_checkpointed-engine-r1"]
+    assert {c[0] for c in calls if "paired" in c[1]} == {"overhead_paired"}
+    assert {c[0] for c in calls if "paired" not in c[1]} == {"overhead_side"}
+    assert calls[0][2:] == ("shortft", 0.3)
     table = overhead_bench.summarise_overhead(results)
     row = table["full (checkpointed)"]
-    assert row["engine"] == {"s": 0.3, "cpu_s": 0.15, "rss_mb": 30.0}
-    assert row["hand"] == {"s": 0.2, "cpu_s": 0.1, "rss_mb": 20.0}
-    assert row["time"] == pytest.approx(0.5) and row["cpu"] == pytest.approx(0.5) and row["rss"] == pytest.approx(0.5)
-    assert row["loss_diff"] == pytest.approx(1e-6, rel=1e-3)
+    # every back-to-back pair is 10% slower through the engine, although the iterations' times spread 4x
+    assert row["time"] == pytest.approx(0.1) and row["cpu"] == pytest.approx(0.1)
+    assert row["engine"] == {"s": pytest.approx(2.2), "cpu_s": pytest.approx(1.1), "rss_mb": 30.0}
+    assert row["hand"] == {"s": 2.0, "cpu_s": 1.0, "rss_mb": 20.0}
+    assert row["rss"] == pytest.approx(0.5) and row["loss_diff"] == pytest.approx(1e-6, rel=1e-3)
     args = argparse.Namespace(threads=1, steps=50, batch=2, reward="symmetry", rounds=2, iters=3)
     spec = ModelSpec("m", "s", "p", "p", "medium", config={"guidance": 7.5, "lora_layers": "attn"})
     lines = efficiency_report.overhead_section(results, spec, args, "shortft bench efficiency --only overhead")
-    assert "| full (checkpointed) | 0.300 | 0.200 | +50.0% | 0.150 | 0.100 | +50.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" \
+    assert "| full (checkpointed) | 2.200 | 2.000 | +10.0% | 1.100 | 1.000 | +10.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" \
         in lines
     assert "'lora_layers': 'attn'" in lines[0] and "--only overhead" in lines[0]
 
 
-def test_overhead_worker_sides_agree(common):
-    """Each side in its own worker: the same losses, and what each measured."""
+def test_overhead_workers_sides_agree(common):
+    """Both sides in one paired worker and each in its own: the same losses, and what each measured."""
     spec = {"overrides": {**common, "method": "draft-lv", "guidance": 3.0}, "preset": "world",
             "progress": 0.0, "iters": 2, "threads": 1}
     engine = overhead_bench.worker_side({**spec, "side": "engine"})
@@ -312,6 +318,10 @@ def test_overhead_worker_sides_agree(common):
     assert engine["loss"] == pytest.approx(hand["loss"], rel=1e-5) and engine["loss"][0] != engine["loss"][1]
     assert len(engine["seconds"]) == len(hand["seconds"]) == len(engine["cpu_seconds"]) == 2 and set(engine) == set(hand)
     assert 0 < engine["cpu_seconds"][1] and 0 < hand["cpu_seconds"][1]
+    paired = overhead_bench.worker_paired(spec)
+    assert paired["engine"]["loss"] == pytest.approx(engine["loss"], rel=1e-5)
+    assert paired["hand"]["loss"] == pytest.approx(hand["loss"], rel=1e-5)
+    assert len(paired["engine"]["seconds"]) == len(paired["hand"]["cpu_seconds"]) == 2
 
 
 def test_only_some_parts_replace_their_sections(tmp_path):

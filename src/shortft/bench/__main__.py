@@ -13,6 +13,7 @@ def main(argv: list[str]) -> int:
 
     workers = {"efficiency_method": efficiency.worker_method, "efficiency_ratio": efficiency.worker_ratio,
                "efficiency_gradlen": efficiency.worker_gradlen, "overhead_side": overhead.worker_side,
+               "overhead_paired": overhead.worker_paired,
                "compare_group": compare.worker_group}
     if len(argv) != 3 or argv[0] not in workers:
         print(f"usage: python -m shortft.bench {{{','.join(workers)}}} spec.json out.json", file=sys.stderr)

@@ -9,8 +9,8 @@ Four parts (`--only` picks some; the report's other sections are then kept as th
             chain, engine and by hand, interleaved in one process;
   gradlen   the gradient norm of full backprop as the chain grows (10, 20, 50 steps) next to ShortFT's;
   overhead  one whole training iteration through the engine against the same iteration written by hand
-            (shortft.bench.hand), time and memory, interleaved rounds of fresh processes
-            (shortft.bench.overhead).
+            (shortft.bench.hand): time paired in one process (the sides' iterations alternate), memory
+            in a process per side (shortft.bench.overhead).
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ def add_parser(bsub) -> None:
     p.add_argument("--batch", type=int, default=2, help="prompts per rollout")
     p.add_argument("--iters", type=int, default=4, help="timed iterations per process (rows: after --warmup)")
     p.add_argument("--warmup", type=int, default=1, help="rows: untimed iterations first")
-    p.add_argument("--rounds", type=int, default=3, help="overhead: interleaved rounds of fresh processes")
+    p.add_argument("--rounds", type=int, default=3, help="overhead: rounds of a fresh paired-time process per row")
     p.add_argument("--reps", type=int, default=5, help="repetitions of the chain-vs-raw timings")
     p.add_argument("--lengths", default="10,20,50", help="chain lengths for the gradient-norm growth table")
     p.add_argument("--grad-rollouts", type=int, default=4, help="rollouts per gradient-norm measurement")

@@ -1,13 +1,18 @@
 """Framework overhead of a whole training iteration: shortft's engine (`engine.train_iteration`) against
 the same iteration written by hand (`hand.hand_iteration`), for every method row of the efficiency table.
 
-Every measurement is a fresh process (the `overhead_side` worker) that builds one side of one row,
-resets its peak-RSS mark, runs `iters` iterations and reports each one's seconds and loss and the memory
-they added: peak RSS minus RSS before the first (on a GPU also CUDA max_memory_allocated minus what was
-allocated before). Rounds interleave the processes (every row, engine and hand in an order that
-alternates per round), so drifting machine load hits both sides alike. Per row: the medians over rounds
-of each process's median seconds and of its memory, and the ratios engine / hand - 1. Both sides run in
-fp32 without autocast, so they compute the same thing on a GPU too (the losses are compared).
+Time is measured paired, in one process (the `overhead_paired` worker): both sides are built there and
+their iterations alternate (engine then hand, then hand then engine, ...), so the two see the same
+machine, allocator and CPU state, and the overhead is the median over iterations of the ratio of each
+engine iteration to the hand iteration beside it. Separate processes per side differ from each other by
+several per cent on a shared machine (CPU placement, memory layout), which swamped a 3% target.
+Memory needs a process per side: the `overhead_side` worker builds one side, resets its peak-RSS mark,
+runs `iters` iterations and reports the memory they added (peak RSS minus RSS before the first; on a GPU
+also CUDA max_memory_allocated minus what was allocated before); their figures vary by 2-10% between
+processes, so each round runs them again (engine first or hand first, alternating) besides the paired
+process, and the table takes medians over rounds.
+Both sides run in fp32 without autocast, so they compute the same thing on a GPU too (the losses are
+compared).
 """
 
 from __future__ import annotations
@@ -40,19 +45,41 @@ def worker_side(spec: dict) -> dict:
             **{key: peak[key] - before[key] for key in before}}
 
 
+def worker_paired(spec: dict) -> dict:
+    """Both sides of one row in this (fresh) process, their iterations alternating: per side, `iters`
+    iterations' seconds, CPU seconds and losses (index i of both sides ran back to back)."""
+    from shortft import lora
+
+    set_threads(spec["threads"])
+    ctxs = {side: build_context({**spec["overrides"], **FP32}, spec["preset"], prepare=side == "engine")
+            for side in ("engine", "hand")}
+    lora.set_trainable(ctxs["hand"]["backend"].net, ctxs["hand"]["method"].trainable(spec["progress"]))
+    out = {side: {"seconds": [], "cpu_seconds": [], "loss": []} for side in ctxs}
+    for i in range(spec["iters"]):
+        for side in ("engine", "hand") if i % 2 == 0 else ("hand", "engine"):
+            gc.collect()  # what the other side left is freed before this one runs
+            x = (train_iteration if side == "engine" else hand_iteration)(ctxs[side], i, spec["progress"])
+            for key in out[side]:
+                out[side][key].append(x[key])
+    return out
+
+
 def run_overhead(base: dict, rows: list[tuple], preset: str | None, rounds: int, iters: int, threads: int,
                  workdir, runner=run_worker) -> dict:
-    """{row label: {"engine": [a worker result per round], "hand": [...]}} for `rows` of
-    (label, method, config overrides, progress)."""
-    out = {label: {"engine": [], "hand": []} for label, *_ in rows}
+    """{row label: {"paired": [a paired worker's result per round], "engine": [memory worker results],
+    "hand": [...]}} for `rows` of (label, method, config overrides, progress)."""
+    out = {label: {"paired": [], "engine": [], "hand": []} for label, *_ in rows}
     for r in range(rounds):
         for label, method, over, progress in rows:
+            spec = {"overrides": {**base, **over, "method": method}, "preset": preset, "progress": progress,
+                    "iters": iters, "threads": threads}
+            print(f"bench efficiency: overhead round {r + 1}/{rounds}, {label}, paired time ...", flush=True)
+            out[label]["paired"].append(runner("overhead_paired", {
+                **spec, "tag": f"overhead-{slug(label)}-paired-r{r}"}, workdir))
             for side in ("engine", "hand") if r % 2 == 0 else ("hand", "engine"):
-                print(f"bench efficiency: overhead round {r + 1}/{rounds}, {label}, {side} ...", flush=True)
+                print(f"bench efficiency: overhead round {r + 1}/{rounds}, {label}, {side} memory ...", flush=True)
                 out[label][side].append(runner("overhead_side", {
-                    "tag": f"overhead-{slug(label)}-{side}-r{r}", "overrides": {**base, **over, "method": method},
-                    "preset": preset, "progress": progress, "iters": iters, "threads": threads,
-                    "side": side}, workdir))
+                    **spec, "tag": f"overhead-{slug(label)}-{side}-r{r}", "side": side}, workdir))
     return out
 
 
@@ -67,27 +94,31 @@ def steady(values: list[float]) -> list[float]:
     return values[1:] if len(values) > 1 else values
 
 
-def side_medians(runs: list[dict]) -> dict:
-    """Median over rounds of one side's median seconds per steady iteration (wall clock, and CPU time of the
-    process: immune to the process being descheduled on a shared machine) and of the memory it added (MB,
-    over every iteration, the first included)."""
-    out = {"s": median([median(steady(r["seconds"])) for r in runs]),
-           "cpu_s": median([median(steady(r["cpu_seconds"])) for r in runs]),
-           "rss_mb": median([r["rss_mb"] for r in runs])}
-    if "cuda_mb" in runs[0]:
-        out["cuda_mb"] = median([r["cuda_mb"] for r in runs])
-    return out
+def paired_times(runs: list[dict], key: str) -> dict:
+    """Over the paired processes of one row (steady iterations of each): each side's median seconds and the
+    median ratio engine / hand - 1 of iterations that ran back to back."""
+    e = [x for r in runs for x in steady(r["engine"][key])]
+    h = [x for r in runs for x in steady(r["hand"][key])]
+    return {"engine": median(e), "hand": median(h), "overhead": median([a / b for a, b in zip(e, h)]) - 1}
 
 
 def summarise_overhead(results: dict) -> dict:
-    """Per row: both sides' medians, the overheads engine / hand - 1 (time, RSS, CUDA memory), and the
-    largest relative difference between the two sides' losses over the same iterations."""
+    """Per row: time (wall and CPU) from the paired processes, memory from the per-side processes (MB, median
+    over them), the overheads engine / hand - 1, and the largest relative difference between the two
+    sides' losses over the same iterations (every process)."""
     table = {}
     for label, sides in results.items():
-        engine, hand = side_medians(sides["engine"]), side_medians(sides["hand"])
-        losses = [(e, h) for a, b in zip(sides["engine"], sides["hand"]) for e, h in zip(a["loss"], b["loss"])]
-        row = {"engine": engine, "hand": hand, "time": ratio(engine["s"], hand["s"]),
-               "cpu": ratio(engine["cpu_s"], hand["cpu_s"]), "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
+        wall, cpu = paired_times(sides["paired"], "seconds"), paired_times(sides["paired"], "cpu_seconds")
+        engine = {"s": wall["engine"], "cpu_s": cpu["engine"], "rss_mb": median([r["rss_mb"] for r in sides["engine"]])}
+        hand = {"s": wall["hand"], "cpu_s": cpu["hand"], "rss_mb": median([r["rss_mb"] for r in sides["hand"]])}
+        if "cuda_mb" in sides["engine"][0]:
+            engine["cuda_mb"] = median([r["cuda_mb"] for r in sides["engine"]])
+            hand["cuda_mb"] = median([r["cuda_mb"] for r in sides["hand"]])
+        pairs = [(p["engine"]["loss"], p["hand"]["loss"]) for p in sides["paired"]]
+        pairs += [(a["loss"], b["loss"]) for a, b in zip(sides["engine"], sides["hand"])]
+        losses = [(e, h) for a, b in pairs for e, h in zip(a, b)]
+        row = {"engine": engine, "hand": hand, "time": wall["overhead"], "cpu": cpu["overhead"],
+               "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
                "loss_diff": max(abs(e - h) / max(abs(h), 1e-12) for e, h in losses)}
         if "cuda_mb" in engine:
             row["cuda"] = ratio(engine["cuda_mb"], hand["cuda_mb"])
