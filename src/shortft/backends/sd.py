@@ -49,7 +49,7 @@ class SDBackend(Latents):
     vae: torch.nn.Module  # AutoencoderKL, frozen
     text_encoder: torch.nn.Module  # CLIPTextModel, frozen
     tokenizer: object  # CLIPTokenizer
-    alphas_cumprod: torch.Tensor  # (1000,) float64, ᾱ_t of the training schedule
+    alphas_cumprod: tuple[float, ...]  # (1000,) ᾱ_t of the training schedule, as Python floats: the chain reads two per step
     final_alpha_cumprod: float  # ᾱ used after the last DDIM step (1.0 if set_alpha_to_one else ᾱ_0)
     scheduler_config: dict  # kept to build the stock DDIMScheduler for timesteps / parity
     prediction_type: str  # "epsilon" or "v_prediction"
@@ -95,8 +95,8 @@ class SDBackend(Latents):
         if sc.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction"):
             raise ConfigError(f"model {model!r}: prediction_type {sc['prediction_type']!r} is not supported "
                               "(epsilon, v_prediction)")
-        ac = scheduler.alphas_cumprod.to(torch.float64)
-        return {"alphas_cumprod": ac, "final_alpha_cumprod": 1.0 if sc.get("set_alpha_to_one", True) else float(ac[0]),
+        ac = tuple(scheduler.alphas_cumprod.to(torch.float64).tolist())
+        return {"alphas_cumprod": ac, "final_alpha_cumprod": 1.0 if sc.get("set_alpha_to_one", True) else ac[0],
                 "scheduler_config": dict(sc), "prediction_type": sc.get("prediction_type", "epsilon")}
 
     # --- schedule -------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ class SDBackend(Latents):
             return 1.0
         if t < 0:
             return self.final_alpha_cumprod
-        return float(self.alphas_cumprod[t])
+        return self.alphas_cumprod[t]
 
     def coefficients(self, t: int | None) -> tuple[float, float]:
         """(a, b) of x_t = a x0 + b ε: (√ᾱ_t, √(1-ᾱ_t))."""
