@@ -186,7 +186,8 @@ def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, rewar
             loss, rewards, extra = method.loss(rollout, plan)
             accelerator.backward(loss)
             step_rewards.append(rewards)
-            info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps), **extra}
+            info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps),
+                    **{k: float(v) for k, v in extra.items()}}  # a method's scalars, read here (not in its loss)
             calls += info["unet_calls"]
             if accelerator.sync_gradients:
                 for p in params:  # adapters outside this stage's set never move (AdamW would decay them)

@@ -81,7 +81,8 @@ class Method:
         return sampling_plan(self.timesteps, self.adapters_at, self.cfg.guidance)
 
     def loss(self, ro: Rollout, plan: Plan) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """-mean reward of the rollout's final image; returns (loss, rewards (B,), extra info)."""
+        """-mean reward of the rollout's final image; returns (loss, rewards (B,), extra scalars to log: floats or
+        0-d tensors, read by the loop)."""
         x0 = run_plan(ro.backend, plan, ro.x_T, ro.cond, ro.uncond)
         rewards = ro.reward(ro.backend.decode(x0), ro.prompts)  # (B,)
         return -rewards.mean(), rewards.detach(), {}

@@ -96,4 +96,4 @@ class LeapAlign(Method):
         leap_0 = run_plan(backend, [second], routed(x_j, leap_j), ro.cond, ro.uncond)  # x̂_0 from the real x_j
         w = consistency_weight(leap_j, x_j, leap_0, x_0, self.cfg.leap_tau)  # (B,)
         rewards = ro.reward(backend.decode(routed(x_0, leap_0)), ro.prompts)  # (B,) the real image's
-        return -(w.to(rewards.dtype) * rewards).mean(), rewards.detach(), {"leap_weight": float(w.mean())}
+        return -(w.to(rewards.dtype) * rewards).mean(), rewards.detach(), {"leap_weight": w.mean().detach()}

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 from shortft.errors import ConfigError, RewardError
 from shortft.rewards.common import RewardWeightsError  # noqa: F401  (re-exported)
@@ -62,6 +63,8 @@ def check_inputs(images: torch.Tensor, prompts: list[str]) -> None:
         raise ValueError(f"got {images.shape[0]} images but {len(prompts)} prompts")
     if not images.is_floating_point():
         raise ValueError(f"reward images must be a float tensor in [0, 1], got {images.dtype}")
+    if is_fake(images):  # shapes only (shortft.bench.fake counts memory and FLOPs on tensors without values)
+        return
     if not bool(torch.isfinite(images.detach()).all()):
         raise ValueError("reward images contain NaN or inf")
     lo, hi = float(images.detach().min()), float(images.detach().max())
