@@ -338,27 +338,27 @@ def test_only_some_parts_replace_their_sections(tmp_path):
         efficiency.selection(parser.parse_args(["efficiency", "--only", "rows,flops"]))
 
 
-def test_real_size_table_fits_the_native_resolution_and_says_what_fits():
-    """The native-resolution columns: a line in the pixel count through the measured points (exact on linear
-    data), the GPU estimate as fp16 weights + half the fp32 activations, the fits column against it."""
-    from shortft.bench.realsize import arch_section, estimate, line_fit
+def test_real_size_table_shows_measured_columns_the_native_estimate_and_what_fits():
+    """Measured seconds and memory added per resolution, the fake-tensor estimate at the native resolution
+    (TFLOP, weights, peak), the fits column (peak + the CUDA context against 24 / 48 / 80 GB) and the ratios."""
+    from shortft.bench.realsize import arch_section
 
-    assert line_fit([1.0, 2.0, 3.0], [3.0, 5.0, 7.0]) == pytest.approx((1.0, 2.0))
-
-    def run(px, secs, mb):
+    def run(secs, mb):
         return {"seconds_median": secs, "unet_calls": 18, "graph_calls": 8,
                 "loaded": {"rss_mb": 1000.0}, "peak": {"rss_mb": 1000.0 + mb}}
 
-    # seconds = 1 + 1e-4 px², memory added = 2e-2 px² MB: at 512 px, 27.2 s and 5243 MB
-    runs = {str(r): run(r, 1 + 1e-4 * r * r, 2e-2 * r * r) for r in (128, 256)}
-    assert estimate(runs, lambda r: r["seconds_median"], 512) == pytest.approx(1 + 1e-4 * 512 ** 2)
-    res = {"arch": "sd15", "resolutions": [128, 256], "weights_gb": 2.0,
-           "rows": {"shortft (stage 1)": runs, "full (checkpointed)": {k: {**v, "seconds_median": 2 * v["seconds_median"]}
-                                                                       for k, v in runs.items()}}}
+    def est(tflop, peak_gb):
+        return {"tflop": tflop, "weights_bytes": 2.5e9, "peak_bytes": peak_gb * 1e9, "unet_calls": 18, "graph_calls": 8}
+
+    res = {"arch": "sd15", "resolutions": [64, 96], "native": 512, "half": "fp16", "weights_gb": 2.0,
+           "rows": {"shortft (stage 1)": {"64": run(70.0, 400.0), "96": run(80.0, 500.0)},
+                    "full (checkpointed)": {"64": run(350.0, 400.0), "96": run(400.0, 1000.0)}},
+           "estimates": {"shortft (stage 1)": est(51.0, 23.5), "full (checkpointed)": est(102.0, 47.2)}}
     text = "\n".join(arch_section(res, "cmd", "today", "here"))
-    gpu_gb = 2.0 + 2e-2 * 512 ** 2 / 2e3  # 4.6 GB
-    assert f"| shortft (stage 1) | 18 | 8 | 2.6 | 328 | 7.6 | 1311 | 27.2 | 5.2 | {gpu_gb:.1f} | yes / yes / yes |" in text
-    assert "128 px: time 0.50x, memory added 1.00x" in text and "**estimates**" in text
+    assert "| shortft (stage 1) | 18 | 8 | 70.0 | 400 | 80.0 | 500 | 51.0 | 2.5 | 23.5 | no / yes / yes |" in text
+    assert "| full (checkpointed) | 18 | 8 | 350.0 | 400 | 400.0 | 1000 | 102.0 | 2.5 | 47.2 | no / no / yes |" in text
+    assert ("64 px: time 0.20x, memory added 1.00x; 96 px: time 0.20x, memory added 0.50x; "
+            "512 px (estimated): FLOPs 0.50x, peak 0.50x.") in text
 
 
 def test_worker_result_is_reused_only_for_the_identical_spec(tmp_path):

@@ -9,11 +9,11 @@ from pathlib import Path
 
 def main(argv: list[str]) -> int:
     from shortft import files
-    from shortft.bench import compare, efficiency, overhead
+    from shortft.bench import compare, efficiency, fake, overhead
 
     workers = {"efficiency_method": efficiency.worker_method, "efficiency_ratio": efficiency.worker_ratio,
                "efficiency_gradlen": efficiency.worker_gradlen, "overhead_side": overhead.worker_side,
-               "overhead_paired": overhead.worker_paired,
+               "overhead_paired": overhead.worker_paired, "efficiency_estimate": fake.worker_estimate,
                "compare_group": compare.worker_group}
     if len(argv) != 3 or argv[0] not in workers:
         print(f"usage: python -m shortft.bench {{{','.join(workers)}}} spec.json out.json", file=sys.stderr)

@@ -171,7 +171,8 @@ def add_parser(bsub) -> None:
     p.add_argument("--rows", default="", help="comma-separated row labels to run (default: all)")
     p.add_argument("--arch", default="", help="run the real-size table instead, on this full-size architecture "
                    "with random weights: sd15 | sdxl | sd35m (shortft.bench.realsize)")
-    p.add_argument("--resolutions", default="128,256", help="--arch: image sizes (px) to measure")
+    p.add_argument("--resolutions", default="128,256", help="--arch: image sizes (px) to measure on this machine; "
+                   "\"\" = none (the native-resolution estimate on fake tensors runs either way)")
     p.add_argument("--arch-divisor", type=int, default=1, help="--arch: divide every width by this (a quick "
                    "check of the command at toy size; the report is then not the real architecture's)")
     p.add_argument("--out", default="docs/efficiency.md", help="markdown report to write")

@@ -1,0 +1,71 @@
+"""The memory and FLOP count on fake tensors (shortft.bench.fake): the counter adds up what ops allocate and
+frees what dies; the fake iteration counts exactly what the same iteration on real tensors does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from shortft.bench.fake import LivePeak, estimate
+from shortft.testing import make_tiny_lora, make_tiny_model
+
+
+def test_live_peak_counts_new_storages_once_and_drops_freed_ones():
+    with LivePeak() as mem:
+        x = torch.zeros(1000)  # 4,000 bytes
+        y = x * 2  # 8,000 alive
+        v = y.view(10, 100)  # a view: nothing new
+        y.add_(1)  # in place: nothing new
+        del x  # 4,000 alive
+        z = torch.ones(500)  # 6,000 alive
+        mem.reset_peak()
+        w = z + 1  # 8,000 alive, a new peak since the reset
+        del w
+    assert (mem.peak, mem.live) == (8000, 6000)
+    assert v.shape == (10, 100)
+
+
+def test_attention_flops_are_counted_on_the_cpu_flash_kernel():
+    """Fake tensors on a CPU dispatch attention to the CPU flash kernel, which torch's counter does not
+    know; its formulas are registered: forward 4·B·H·N²·d, backward 2.5× that."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FakeTensorMode():
+        q = torch.randn(2, 3, 64, 16, requires_grad=True)
+        with FlopCounterMode(display=False) as flops:
+            F.scaled_dot_product_attention(q, q, q).sum().backward()
+    assert flops.get_total_flops() == pytest.approx(3.5 * 4 * 2 * 3 * 64 * 64 * 16)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fake") / "model"
+    make_tiny_model(d)
+    make_tiny_lora(d, d / "shortcut.safetensors")
+    return d
+
+
+@pytest.mark.parametrize("method", ["shortft", "full"])
+def test_the_fake_iteration_counts_what_the_real_one_allocates(tiny, method):
+    """Same bytes at the peak (to 1%: fake and real ops differ in a few tiny temporaries), same FLOPs, same
+    weights, on ShortFT's stage 1 and on checkpointed full backprop; full backprop does more work."""
+    over = dict(model=str(tiny), shortcut=str(tiny / "shortcut.safetensors"), reward="symmetry", method=method,
+                batch_size=2, num_steps=12)
+    real = estimate("world", over, 0.0, "fp32", fake=False)
+    fake = estimate("world", over, 0.0, "fp32", fake=True)
+    assert fake["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.01)
+    assert fake["tflop"] == real["tflop"] > 0
+    assert fake["weights_bytes"] == real["weights_bytes"]
+    assert real["peak_bytes"] > real["steady_bytes"] > real["weights_bytes"]  # activations, then AdamW state
+    assert (fake["unet_calls"], fake["graph_calls"]) == ((9, 8) if method == "shortft" else (12, 12))
+
+
+def test_half_precision_weights_halve_the_frozen_weights(tiny):
+    over = dict(model=str(tiny), shortcut=str(tiny / "shortcut.safetensors"), reward="symmetry", method="draft",
+                batch_size=1, num_steps=4)
+    fp32, fp16 = estimate("world", over, 0.0, "fp32"), estimate("world", over, 0.0, "fp16")
+    lora_bytes = 4 * fp16["trainable"]  # the LoRAs stay fp32
+    assert fp16["weights_bytes"] - lora_bytes == pytest.approx((fp32["weights_bytes"] - lora_bytes) / 2, rel=0.01)
+    assert fp16["peak_bytes"] < fp32["peak_bytes"]
