@@ -113,7 +113,7 @@ BUILDERS = {"sd15": build_sd15, "sdxl": build_sdxl, "sd35m": build_sd35m}
 
 
 def build_arch(name: str, folder: Path, width_divisor: int = 1, seed: int = 0) -> Path:
-    """The pipeline folder of architecture `name` with random weights (fp16 files), built once into `folder`."""
+    """The pipeline folder of architecture `name` with random weights (fp32 files), built once into `folder`."""
     import torch
 
     from shortft.errors import ConfigError
