@@ -336,6 +336,10 @@ def test_only_some_parts_replace_their_sections(tmp_path):
     assert parts == ["overhead"] and [r[0] for r in rows] == ["drtune", "refl"]
     with pytest.raises(ConfigError, match="flops"):
         efficiency.selection(parser.parse_args(["efficiency", "--only", "rows,flops"]))
+    lever = "shortft (stage 1) + vae_checkpoint"  # the memory levers are rows of the real-size table only
+    assert [r[0] for r in efficiency.selection(parser.parse_args(["efficiency", "--arch", "sd15", "--rows", lever]))[1]] == [lever]
+    with pytest.raises(ConfigError, match="vae_checkpoint"):
+        efficiency.selection(parser.parse_args(["efficiency", "--rows", lever]))
 
 
 def test_real_size_table_shows_measured_columns_the_native_estimate_and_what_fits():

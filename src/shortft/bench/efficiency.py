@@ -42,6 +42,12 @@ ROWS = [
     ("shortcut-ft", "shortcut-ft", {}, 0.0),
     ("leapalign", "leapalign", {}, 0.0),
 ]
+# The memory levers on ShortFT's stage 1, for the real-size table (--arch): what fits a smaller card, and at what cost
+LEVER_ROWS = [
+    ("shortft (stage 1) + vae_checkpoint", "shortft", {"vae_checkpoint": True}, 0.0),
+    ("shortft (stage 1) + vae_checkpoint + checkpoint_calls", "shortft",
+     {"vae_checkpoint": True, "checkpoint_calls": True}, 0.0),
+]
 HAND_METHODS = ("shortft", "draft-lv", "draft", "drtune", "alignprop", "refl", "full", "shortcut-ft")  # bench.hand's
 PARTS = ("rows", "ratio", "gradlen", "overhead")
 
@@ -189,12 +195,13 @@ def default_model() -> str:
 def selection(args) -> tuple[list[str], list[tuple]]:
     """The parts and method rows the command line asks for; ConfigError naming unknown ones."""
     parts = args.only.split(",") if args.only else list(PARTS)
-    labels = args.rows.split(",") if args.rows else [r[0] for r in ROWS]
-    for kind, asked, known in (("part", parts, PARTS), ("row", labels, [r[0] for r in ROWS])):
+    rows = ROWS + LEVER_ROWS if args.arch else ROWS
+    labels = args.rows.split(",") if args.rows else [r[0] for r in rows]
+    for kind, asked, known in (("part", parts, PARTS), ("row", labels, [r[0] for r in rows])):
         bad = [x for x in asked if x not in known]
         if bad:
             raise ConfigError(f"unknown {kind}(s) {bad}; choose from {', '.join(known)}")
-    return parts, [r for r in ROWS if r[0] in labels]
+    return parts, [r for r in rows if r[0] in labels]
 
 
 def run(args) -> int:
