@@ -15,7 +15,7 @@ KEY="shortft (stage 1),full (checkpointed),draft (K=1)"
 ALL="shortft (stage 1),shortft (stage 2),shortft (stage 4),draft-lv,draft (K=1),drtune,alignprop,refl,full (checkpointed),leapalign"
 run() {  # arch resolution rows
   timeout "${ROW_TIMEOUT:-1500}" shortft bench efficiency --arch "$1" --resolutions "$2" --rows "$3" \
-    --arch-divisor "$DIVISOR" --iters 2 --warmup 1 --threads 0 --reward symmetry \
+    --arch-divisor "$DIVISOR" --iters 2 --warmup 1 --threads 0 --reward symmetry --no-estimate \
     --out "$OUT" --workdir runs/bench/efficiency-gpu || echo "gpu-efficiency: $1 at $2 px failed (see runs/bench/efficiency-gpu/*.log)"
 }
 run sd15 "${RES:-512}" "$ALL"

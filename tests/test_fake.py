@@ -3,10 +3,13 @@ frees what dies; the fake iteration counts exactly what the same iteration on re
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from shortft.bench import efficiency
 from shortft.bench.fake import LivePeak, estimate
 from shortft.testing import make_tiny_lora, make_tiny_model
 
@@ -69,3 +72,32 @@ def test_half_precision_weights_halve_the_frozen_weights(tiny):
     lora_bytes = 4 * fp16["trainable"]  # the LoRAs stay fp32
     assert fp16["weights_bytes"] - lora_bytes == pytest.approx((fp32["weights_bytes"] - lora_bytes) / 2, rel=0.01)
     assert fp16["peak_bytes"] < fp32["peak_bytes"]
+
+
+
+def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_one_in_half_precision(tmp_path):
+    """`shortft bench efficiency --arch sd15` at 1/20 width, with the workers recorded instead of run: each row
+    measured at each --resolutions on this machine, and estimated at SD 1.5's 512 px in fp16 (SD 3.5's in bf16);
+    --no-estimate leaves the estimate out (the GPU script measures the native resolution itself)."""
+    from shortft.bench.realsize import run_arch
+
+    calls = []
+
+    def runner(worker, spec, workdir, reuse=False):
+        calls.append((worker, spec["overrides"]["resolution"], spec.get("half"), spec["overrides"]["method"], reuse))
+        return {"worker": worker}
+
+    rows = [r for r in efficiency.ROWS if r[0] in ("shortft (stage 1)", "full (checkpointed)")]
+    args = argparse.Namespace(arch="sd15", arch_divisor=20, resolutions="64,96", reward="symmetry", warmup=0, iters=1,
+                              threads=1, estimate=True)
+    res = run_arch(args, rows, tmp_path, runner=runner)
+    assert calls == [("efficiency_method", 64, None, "shortft", True), ("efficiency_method", 64, None, "full", True),
+                     ("efficiency_method", 96, None, "shortft", True), ("efficiency_method", 96, None, "full", True),
+                     ("efficiency_estimate", 512, "fp16", "shortft", True), ("efficiency_estimate", 512, "fp16", "full", True)]
+    assert set(res["rows"]["full (checkpointed)"]) == {"64", "96"} and set(res["estimates"]) == {r[0] for r in rows}
+    calls.clear()
+    run_arch(argparse.Namespace(**{**vars(args), "arch": "sd35m", "resolutions": ""}), rows, tmp_path, runner=runner)
+    assert calls == [("efficiency_estimate", 1024, "bf16", "shortft", True), ("efficiency_estimate", 1024, "bf16", "full", True)]
+    calls.clear()
+    run_arch(argparse.Namespace(**{**vars(args), "estimate": False}), rows, tmp_path, runner=runner)
+    assert [c[0] for c in calls] == ["efficiency_method"] * 4

@@ -15,6 +15,7 @@ Four parts (`--only` picks some; the report's other sections are then kept as th
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from pathlib import Path
@@ -178,7 +179,10 @@ def add_parser(bsub) -> None:
     p.add_argument("--arch", default="", help="run the real-size table instead, on this full-size architecture "
                    "with random weights: sd15 | sdxl | sd35m (shortft.bench.realsize)")
     p.add_argument("--resolutions", default="128,256", help="--arch: image sizes (px) to measure on this machine; "
-                   "\"\" = none (the native-resolution estimate on fake tensors runs either way)")
+                   "\"\" = none (then only the native-resolution estimate, --estimate)")
+    p.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
+                   help="--arch: also estimate the native resolution on fake tensors (shortft.bench.fake; minutes "
+                   "of CPU per row)")
     p.add_argument("--arch-divisor", type=int, default=1, help="--arch: divide every width by this (a quick "
                    "check of the command at toy size; the report is then not the real architecture's)")
     p.add_argument("--out", default="docs/efficiency.md", help="markdown report to write")

@@ -61,7 +61,7 @@ def fp16_weight_gb(folder: Path) -> float:
     return 2 * elements / 1e9
 
 
-def run_arch(args, rows: list[tuple], workdir: Path) -> dict:
+def run_arch(args, rows: list[tuple], workdir: Path, runner=run_worker) -> dict:
     """{"arch", "resolutions", "native", "half", "weights_gb", "rows": {label: {str(resolution): measured}},
     "estimates": {label: estimated at the native resolution}}."""
     resolutions = [int(r) for r in args.resolutions.split(",") if r.strip()]
@@ -78,14 +78,14 @@ def run_arch(args, rows: list[tuple], workdir: Path) -> dict:
     for res in resolutions:
         for label, method, over, progress in rows:
             print(f"bench efficiency: {args.arch} at {res} px, {label} ...", flush=True)
-            out["rows"][label][str(res)] = run_worker("efficiency_method", {
+            out["rows"][label][str(res)] = runner("efficiency_method", {
                 "tag": f"{args.arch}-{res}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
                 "overrides": {**base, **over, "method": method, "resolution": res}, "progress": progress,
                 "warmup": args.warmup, "iters": args.iters, "overhead_reps": 0, "threads": args.threads},
                 workdir, reuse=True)
-    for label, method, over, progress in rows:
+    for label, method, over, progress in rows if args.estimate else ():
         print(f"bench efficiency: {args.arch} at {native} px in {half} on fake tensors, {label} ...", flush=True)
-        out["estimates"][label] = run_worker("efficiency_estimate", {
+        out["estimates"][label] = runner("efficiency_estimate", {
             "tag": f"{args.arch}-{native}-{half}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
             "overrides": {**base, **over, "method": method, "resolution": native}, "progress": progress,
             "half": half}, workdir, reuse=True)
