@@ -95,6 +95,12 @@ def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_o
                      ("efficiency_method", 96, None, "shortft", True), ("efficiency_method", 96, None, "full", True),
                      ("efficiency_estimate", 512, "fp16", "shortft", True), ("efficiency_estimate", 512, "fp16", "full", True)]
     assert set(res["rows"]["full (checkpointed)"]) == {"64", "96"} and set(res["estimates"]) == {r[0] for r in rows}
+    nockpt = [r for r in efficiency.ARCH_ROWS if r[0] == "full (no checkpointing)"]  # DRaFT-K, K = every step
+    specs = []
+    for arch in ("sd15", "sd35m"):
+        run_arch(argparse.Namespace(**{**vars(args), "arch": arch, "resolutions": ""}), nockpt, tmp_path,
+                 runner=lambda worker, spec, workdir, reuse=False: specs.append(spec) or {})
+    assert [s["overrides"]["draft_k"] for s in specs] == [50, 40]
     calls.clear()
     run_arch(argparse.Namespace(**{**vars(args), "arch": "sd35m", "resolutions": ""}), rows, tmp_path, runner=runner)
     assert calls == [("efficiency_estimate", 1024, "bf16", "shortft", True), ("efficiency_estimate", 1024, "bf16", "full", True)]

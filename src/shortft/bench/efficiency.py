@@ -43,11 +43,13 @@ ROWS = [
     ("shortcut-ft", "shortcut-ft", {}, 0.0),
     ("leapalign", "leapalign", {}, 0.0),
 ]
-# The memory levers on ShortFT's stage 1, for the real-size table (--arch): what fits a smaller card, and at what cost
-LEVER_ROWS = [
+# Rows of the real-size table (--arch) only: the memory levers on ShortFT's stage 1 (what fits a smaller card, at
+# what cost), and full backprop without checkpointing (DRaFT-K with K = every step of the chain: "all")
+ARCH_ROWS = [
     ("shortft (stage 1) + vae_checkpoint", "shortft", {"vae_checkpoint": True}, 0.0),
     ("shortft (stage 1) + vae_checkpoint + checkpoint_calls", "shortft",
      {"vae_checkpoint": True, "checkpoint_calls": True}, 0.0),
+    ("full (no checkpointing)", "draft", {"draft_k": "all"}, 0.0),
 ]
 HAND_METHODS = ("shortft", "draft-lv", "draft", "drtune", "alignprop", "refl", "full", "shortcut-ft")  # bench.hand's
 PARTS = ("rows", "ratio", "gradlen", "overhead")
@@ -199,7 +201,7 @@ def default_model() -> str:
 def selection(args) -> tuple[list[str], list[tuple]]:
     """The parts and method rows the command line asks for; ConfigError naming unknown ones."""
     parts = args.only.split(",") if args.only else list(PARTS)
-    rows = ROWS + LEVER_ROWS if args.arch else ROWS
+    rows = ROWS + ARCH_ROWS if args.arch else ROWS
     labels = args.rows.split(",") if args.rows else [r[0] for r in rows]
     for kind, asked, known in (("part", parts, PARTS), ("row", labels, [r[0] for r in rows])):
         bad = [x for x in asked if x not in known]

@@ -75,6 +75,8 @@ def run_arch(args, rows: list[tuple], workdir: Path, runner=run_worker) -> dict:
     native, half = NATIVE[args.arch], FAMILY_HALF[args.arch]
     out = {"arch": args.arch, "resolutions": resolutions, "native": native, "half": half,
            "weights_gb": fp16_weight_gb(folder), "rows": {label: {} for label, *_ in rows}, "estimates": {}}
+    rows = [(label, method, {k: steps if v == "all" else v for k, v in over.items()}, progress)
+            for label, method, over, progress in rows]  # draft_k "all": every step of this family's chain
     for res in resolutions:
         for label, method, over, progress in rows:
             print(f"bench efficiency: {args.arch} at {res} px, {label} ...", flush=True)
