@@ -340,6 +340,8 @@ def test_only_some_parts_replace_their_sections(tmp_path):
     assert [r[0] for r in efficiency.selection(parser.parse_args(["efficiency", "--arch", "sd15", "--rows", lever]))[1]] == [lever]
     with pytest.raises(ConfigError, match="vae_checkpoint"):
         efficiency.selection(parser.parse_args(["efficiency", "--rows", lever]))
+    with pytest.raises(ConfigError, match="measure-rows"):
+        efficiency.selection(parser.parse_args(["efficiency", "--arch", "sd15", "--rows", "refl", "--measure-rows", "drtune"]))
 
 
 def test_real_size_table_shows_measured_columns_the_native_estimate_and_what_fits():

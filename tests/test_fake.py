@@ -89,7 +89,7 @@ def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_o
 
     rows = [r for r in efficiency.ROWS if r[0] in ("shortft (stage 1)", "full (checkpointed)")]
     args = argparse.Namespace(arch="sd15", arch_divisor=20, resolutions="64,96", reward="symmetry", warmup=0, iters=1,
-                              threads=1, estimate=True)
+                              threads=1, estimate=True, measure_rows="")
     res = run_arch(args, rows, tmp_path, runner=runner)
     assert calls == [("efficiency_method", 64, None, "shortft", True), ("efficiency_method", 64, None, "full", True),
                      ("efficiency_method", 96, None, "shortft", True), ("efficiency_method", 96, None, "full", True),
@@ -107,3 +107,7 @@ def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_o
     calls.clear()
     run_arch(argparse.Namespace(**{**vars(args), "estimate": False}), rows, tmp_path, runner=runner)
     assert [c[0] for c in calls] == ["efficiency_method"] * 4
+    calls.clear()  # --measure-rows: only those measured, every row estimated
+    run_arch(argparse.Namespace(**{**vars(args), "measure_rows": "full (checkpointed)"}), rows, tmp_path, runner=runner)
+    assert [c[:2] + c[3:4] for c in calls] == [("efficiency_method", 64, "full"), ("efficiency_method", 96, "full"),
+                                              ("efficiency_estimate", 512, "shortft"), ("efficiency_estimate", 512, "full")]

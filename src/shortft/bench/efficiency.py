@@ -182,6 +182,8 @@ def add_parser(bsub) -> None:
                    "with random weights: sd15 | sdxl | sd35m (shortft.bench.realsize)")
     p.add_argument("--resolutions", default="128,256", help="--arch: image sizes (px) to measure on this machine; "
                    "\"\" = none (then only the native-resolution estimate, --estimate)")
+    p.add_argument("--measure-rows", default="", help="--arch: the rows measured at --resolutions (default: every "
+                   "row of --rows; the others are only estimated)")
     p.add_argument("--estimate", action=argparse.BooleanOptionalAction, default=True,
                    help="--arch: also estimate the native resolution on fake tensors (shortft.bench.fake; minutes "
                    "of CPU per row)")
@@ -207,6 +209,9 @@ def selection(args) -> tuple[list[str], list[tuple]]:
         bad = [x for x in asked if x not in known]
         if bad:
             raise ConfigError(f"unknown {kind}(s) {bad}; choose from {', '.join(known)}")
+    bad = [x for x in args.measure_rows.split(",") if x not in labels] if args.measure_rows else []
+    if bad:
+        raise ConfigError(f"--measure-rows {bad} are not rows of this table; choose from {', '.join(labels)}")
     return parts, [r for r in rows if r[0] in labels]
 
 

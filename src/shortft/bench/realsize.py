@@ -77,8 +77,9 @@ def run_arch(args, rows: list[tuple], workdir: Path, runner=run_worker) -> dict:
            "weights_gb": fp16_weight_gb(folder), "rows": {label: {} for label, *_ in rows}, "estimates": {}}
     rows = [(label, method, {k: steps if v == "all" else v for k, v in over.items()}, progress)
             for label, method, over, progress in rows]  # draft_k "all": every step of this family's chain
+    measured = [r for r in rows if not args.measure_rows or r[0] in args.measure_rows.split(",")]
     for res in resolutions:
-        for label, method, over, progress in rows:
+        for label, method, over, progress in measured:
             print(f"bench efficiency: {args.arch} at {res} px, {label} ...", flush=True)
             out["rows"][label][str(res)] = runner("efficiency_method", {
                 "tag": f"{args.arch}-{res}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
