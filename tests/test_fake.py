@@ -10,36 +10,36 @@ import torch
 import torch.nn.functional as F
 
 from shortft.bench import efficiency
-from shortft.bench.fake import LivePeak, estimate
+from shortft.bench.fake import Counter, estimate
 from shortft.testing import make_tiny_lora, make_tiny_model
 
 
-def test_live_peak_counts_new_storages_once_and_drops_freed_ones():
-    with LivePeak() as mem:
+def test_the_counter_counts_new_storages_once_drops_freed_ones_and_adds_up_flops():
+    with Counter() as count:
         x = torch.zeros(1000)  # 4,000 bytes
         y = x * 2  # 8,000 alive
         v = y.view(10, 100)  # a view: nothing new
         y.add_(1)  # in place: nothing new
         del x  # 4,000 alive
         z = torch.ones(500)  # 6,000 alive
-        mem.reset_peak()
+        count.reset()
         w = z + 1  # 8,000 alive, a new peak since the reset
         del w
-    assert (mem.peak, mem.live) == (8000, 6000)
-    assert v.shape == (10, 100)
+        m = torch.ones(3, 4) @ torch.ones(4, 5)  # 2 * 3 * 4 * 5 FLOPs
+    assert (count.peak, count.live - m.nbytes) == (8000, 6000)
+    assert count.flops == 120 and v.shape == (10, 100)
 
 
 def test_attention_flops_are_counted_on_the_cpu_flash_kernel():
-    """Fake tensors on a CPU dispatch attention to the CPU flash kernel, which torch's counter does not
+    """Fake tensors on a CPU dispatch attention to the CPU flash kernel, which torch's FLOP formulas do not
     know; its formulas are registered: forward 4·B·H·N²·d, backward 2.5× that."""
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FakeTensorMode():
         q = torch.randn(2, 3, 64, 16, requires_grad=True)
-        with FlopCounterMode(display=False) as flops:
+        with Counter() as count:
             F.scaled_dot_product_attention(q, q, q).sum().backward()
-    assert flops.get_total_flops() == pytest.approx(3.5 * 4 * 2 * 3 * 64 * 64 * 16)
+    assert count.flops == 3.5 * 4 * 2 * 3 * 64 * 64 * 16
 
 
 @pytest.fixture(scope="module")

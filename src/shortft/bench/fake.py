@@ -1,23 +1,22 @@
 """What one training iteration needs at any resolution, counted on a CPU without doing its arithmetic.
 
 The iteration runs on fake tensors (torch's FakeTensorMode: shapes, dtypes and strides, no values, no
-arithmetic), so SD 1.5 at 512 px or SDXL at 1024 px costs seconds to minutes of Python on any machine. It
-runs as it would on a GPU: the frozen weights in the family's half precision (`train.HALF`), the LoRAs and
-their AdamW state in fp32, the denoiser's forward under autocast (what accelerate's mixed precision does).
-Two counters watch it:
+arithmetic), so SD 1.5 at 512 px or SDXL at 1024 px costs minutes of Python on any machine. It runs as it
+would on a GPU: the frozen weights in the family's half precision (`train.HALF`), the LoRAs and their AdamW
+state in fp32, the denoiser's forward under autocast (what accelerate's mixed precision does). `Counter`
+watches every op:
 
-- `LivePeak` adds up the bytes of every tensor storage an op creates until it is freed (views and in-place
-  results share their input's storage and are not counted again); its peak over the iteration, plus the
-  weights loaded before it, is what the tensors need at once. A GPU needs its CUDA context (about 0.5-1 GB)
-  and the caching allocator's slack on top.
-- torch's `FlopCounterMode` counts the matrix multiplications, convolutions and attention (the CPU
-  flash-attention kernel that fake tensors dispatch to is registered below: like CUDA's flash attention it
+- memory: the bytes of every tensor storage an op creates, until it is freed (views and in-place results share
+  their input's storage and are not counted again). The peak over the iteration, plus the weights loaded
+  before it, is what the tensors need at once: what CUDA max_memory_allocated counts. A GPU process holds its
+  CUDA context (about 0.5-1 GB) and the caching allocator's slack on top.
+- FLOPs: torch's formulas (`torch.utils.flop_counter`) for the matrix products, convolutions and attention; the
+  CPU flash-attention kernel that fake tensors dispatch to is registered below (like CUDA's flash attention it
   saves the log-sum-exp, not the attention matrix).
 
-The iteration is `train.optimizer_step`'s without the checks that need values (a finite loss, the gradient
-norm as a float): rollout, plan, chain, decode, reward, backward, clipping, AdamW. The FLOPs are counted on a
-first iteration, which also makes AdamW's state; the memory on the same iteration run again (torch's FLOP
-counter decomposes some ops into several, which would count temporaries the real kernels never make).
+The iteration is `train.optimizer_step`'s without the checks that need values (a finite loss, the gradient norm
+as a float): rollout, plan, chain, decode, reward, backward, clipping, AdamW, counted after a step on zero
+gradients has made AdamW's state (as a first iteration would).
 """
 
 from __future__ import annotations
@@ -26,14 +25,8 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import (
-    FlopCounterMode,
-    register_flop_formula,
-    sdpa_backward_flop_count,
-    sdpa_flop_count,
-)
+from torch.utils.flop_counter import flop_registry, register_flop_formula, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
 
@@ -53,31 +46,48 @@ def storage_bytes(tensors) -> int:
     return sum({id(s): s.nbytes() for s in (t.untyped_storage() for t in tensors)}.values())
 
 
-class LivePeak(TorchDispatchMode):
-    """Bytes of tensor storage that ops made while the mode is on: alive now (`live`) and at most (`peak`).
-    An output that shares a storage with one of the op's inputs (a view, an in-place result) is not new."""
+def _tensors(value):
+    """The tensors in an op's arguments or outputs: a tensor, or a (nested) tuple / list of them."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, tuple | list):
+        for v in value:
+            yield from _tensors(v)
+
+
+class Counter(TorchDispatchMode):
+    """What the ops run while the mode is on make: bytes of tensor storage alive now (`live`) and at most
+    (`peak`), and FLOPs (`flops`, by torch's formulas for matrix products, convolutions and attention). An output
+    that shares a storage with one of the op's inputs (a view, an in-place result) is not new memory."""
 
     def __init__(self):
         super().__init__()
-        self.live = self.peak = 0
+        self.live = self.peak = self.flops = 0
         self._alive: set[int] = set()  # ids of the storages counted in `live`
 
-    def reset_peak(self) -> None:
-        self.peak = self.live
+    def reset(self) -> None:
+        """Count from here: the peak from what is alive now, the FLOPs from zero."""
+        self.peak, self.flops = self.live, 0
 
     def _freed(self, key: int, nbytes: int) -> None:
         self._alive.discard(key)
         self.live -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for t in pytree.tree_leaves(out):
-            if not isinstance(t, torch.Tensor):
-                continue
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        inputs = None
+        for t in _tensors(out):
             storage = t.untyped_storage()
             key = id(storage)  # torch keeps one Python object per live storage, so the id is stable until it dies
-            if key in inputs or key in self._alive:
+            if key in self._alive:
+                continue
+            if inputs is None:
+                inputs = {id(x.untyped_storage()) for x in _tensors((args, tuple(kwargs.values())))}
+            if key in inputs:
                 continue
             self._alive.add(key)
             self.live += storage.nbytes()
@@ -142,14 +152,16 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
         opt.zero_grad(set_to_none=True)
         return plan
 
-    with mode, LivePeak() as mem:
+    with mode, Counter() as count:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        with FlopCounterMode(display=False) as flops:  # it decomposes some ops: not while memory is counted
-            plan = iteration(0, opt)  # also makes AdamW's state
-        mem.reset_peak()
-        iteration(0, opt)  # the same draws again, with the state
-    return {"weights_bytes": weights, "peak_bytes": weights + mem.peak, "steady_bytes": weights + mem.live,
-            "tflop": flops.get_total_flops() / 1e12, "unet_calls": len(plan.steps), "graph_calls": plan.graph_calls,
+        for p in params:  # AdamW's state, made by a step on zero gradients (what a first iteration leaves)
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        count.reset()
+        plan = iteration(0, opt)
+    return {"weights_bytes": weights, "peak_bytes": weights + count.peak, "steady_bytes": weights + count.live,
+            "tflop": count.flops / 1e12, "unet_calls": len(plan.steps), "graph_calls": plan.graph_calls,
             "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
