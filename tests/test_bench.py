@@ -359,12 +359,14 @@ def test_real_size_table_shows_measured_columns_the_native_estimate_and_what_fit
     res = {"arch": "sd15", "resolutions": [64, 96], "native": 512, "half": "fp16", "weights_gb": 2.0,
            "rows": {"shortft (stage 1)": {"64": run(70.0, 400.0), "96": run(80.0, 500.0)},
                     "full (checkpointed)": {"64": run(350.0, 400.0), "96": run(400.0, 1000.0)}},
-           "estimates": {"shortft (stage 1)": est(51.0, 23.5), "full (checkpointed)": est(102.0, 47.2)}}
+           "estimates": {"shortft (stage 1)": est(51.0, 23.5), "full (checkpointed)": est(102.0, 47.2),
+                         "draft (K=1)": est(102.0, 11.75)}}
     text = "\n".join(arch_section(res, "cmd", "today", "here"))
     assert "| shortft (stage 1) | 18 | 8 | 70.0 | 400 | 80.0 | 500 | 51.0 | 2.5 | 23.5 | no / yes / yes |" in text
     assert "| full (checkpointed) | 18 | 8 | 350.0 | 400 | 400.0 | 1000 | 102.0 | 2.5 | 47.2 | no / no / yes |" in text
     assert ("64 px: time 0.20x, memory added 1.00x; 96 px: time 0.20x, memory added 0.50x; "
             "512 px (estimated): FLOPs 0.50x, peak 0.50x.") in text
+    assert "At 512 px (estimated), ShortFT stage 1 against DRaFT-1: FLOPs 0.50x, peak 2.00x." in text
 
 
 def test_worker_result_is_reused_only_for_the_identical_spec(tmp_path):

@@ -142,4 +142,10 @@ def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
             ratios.append(f"{native} px (estimated): FLOPs {est[s]['tflop'] / est[f]['tflop']:.2f}x, peak "
                           f"{est[s]['peak_bytes'] / est[f]['peak_bytes']:.2f}x")
         lines += ["", "ShortFT stage 1 against full backprop (checkpointed): " + "; ".join(ratios) + "."]
+    others = [(name, o) for name, o in (("full backprop without checkpointing", "full (no checkpointing)"),
+                                        ("DRaFT-1", "draft (K=1)")) if o in est and s in est]
+    if others:
+        lines += ["", f"At {native} px (estimated), ShortFT stage 1 against " + "; against ".join(
+            f"{name}: FLOPs {est[s]['tflop'] / est[o]['tflop']:.2f}x, peak {est[s]['peak_bytes'] / est[o]['peak_bytes']:.2f}x"
+            for name, o in others) + "."]
     return lines
