@@ -111,3 +111,16 @@ def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_o
     run_arch(argparse.Namespace(**{**vars(args), "measure_rows": "full (checkpointed)"}), rows, tmp_path, runner=runner)
     assert [c[:2] + c[3:4] for c in calls] == [("efficiency_method", 64, "full"), ("efficiency_method", 96, "full"),
                                               ("efficiency_estimate", 512, "shortft"), ("efficiency_estimate", 512, "full")]
+
+
+def test_lora_inputs_kept_in_half_precision_save_memory_under_autocast(tiny, monkeypatch):
+    """peft's cast of each LoRA input to fp32 (undone by autocast) keeps two more copies of every wrapped layer's
+    input for backward; `build_model` turns it off under mixed precision (lora.keep_input_dtype)."""
+    from shortft import lora
+
+    over = dict(model=str(tiny), shortcut=str(tiny / "shortcut.safetensors"), reward="symmetry", method="shortft",
+                batch_size=2, num_steps=8, s1_grad_steps=1)
+    kept = estimate("world", over, 0.0, "fp16")
+    monkeypatch.setattr(lora, "keep_input_dtype", lambda net: None)
+    cast = estimate("world", over, 0.0, "fp16")
+    assert cast["peak_bytes"] > 1.1 * kept["peak_bytes"] and cast["tflop"] == kept["tflop"]

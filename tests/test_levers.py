@@ -18,11 +18,14 @@ from shortft.rewards.testing import make_tiny_clip
 from shortft.train import build_model, build_reward_fn, make_rollout
 
 
-def lora_gradients(tiny, **levers) -> tuple[float, dict[str, torch.Tensor]]:
-    """Loss and LoRA gradients of one ShortFT stage-1 rollout (batch 2, CFG) with the given levers."""
+def lora_gradients(tiny, prepare=None, **levers) -> tuple[float, dict[str, torch.Tensor]]:
+    """Loss and LoRA gradients of one ShortFT stage-1 rollout (batch 2, CFG) with the given levers; `prepare`
+    sees the backend before the rollout."""
     cfg = build_config("world", overrides=train_overrides(tiny, "unused", method="shortft", guidance=3.0, **levers))
     torch.manual_seed(0)
     backend, method = build_model(cfg, "cpu")
+    if prepare:
+        prepare(backend)
     g = torch.Generator().manual_seed(1)
     for p in (p for n, p in backend.net.named_parameters() if ".lora_" in n):
         p.data = torch.randn(p.shape, generator=g) * 0.05
@@ -40,6 +43,28 @@ def test_a_memory_lever_leaves_the_gradient_unchanged(tiny, lever):
     assert loss_l == pytest.approx(loss, rel=1e-6) and grads.keys() == grads_l.keys() and len(grads) > 10
     for name, g in grads.items():
         torch.testing.assert_close(grads_l[name], g, rtol=1e-5, atol=1e-8)
+
+
+def test_lora_branches_under_autocast_take_the_half_input_as_it_is_with_the_same_gradient(tiny):
+    """With mixed precision `build_model` keeps the LoRA inputs in half precision (lora.keep_input_dtype): peft's
+    cast to the fp32 LoRA weights and autocast's cast back are a round trip that only cost memory. The same loss,
+    and the same gradients to bf16 rounding (with the casts, the branches' input gradients add up in fp32 first)."""
+    def autocast(keep: bool):
+        def prepare(backend):
+            layers = lora.lora_layers(backend.net)
+            assert layers and not any(layer.cast_input_dtype_enabled for layer in layers)  # build_model's doing
+            for layer in layers:
+                layer.cast_input_dtype_enabled = not keep
+            backend.denoiser.forward = torch.autocast("cpu", dtype=torch.bfloat16)(backend.denoiser.forward)
+        return prepare
+
+    half = {"dtype": "bf16", "mixed_precision": "bf16"}
+    loss, grads = lora_gradients(tiny, prepare=autocast(keep=False), **half)
+    loss_k, grads_k = lora_gradients(tiny, prepare=autocast(keep=True), **half)
+    assert loss_k == loss and grads.keys() == grads_k.keys() and len(grads) > 10
+    flat, flat_k = (torch.cat([g[n].flatten().float() for n in grads]) for g in (grads, grads_k))
+    assert torch.nn.functional.cosine_similarity(flat, flat_k, dim=0) > 0.999
+    assert (flat_k - flat).norm() <= 0.02 * flat.norm()
 
 
 def test_a_half_precision_reward_changes_the_gradient_only_at_that_precision(tiny, tmp_path):

@@ -93,6 +93,16 @@ def lora_layers(unet: torch.nn.Module) -> list[BaseTunerLayer]:
     return cached[1]
 
 
+def keep_input_dtype(unet: torch.nn.Module) -> None:
+    """Let every LoRA branch take its layer's input in the dtype it comes in, for training under autocast. peft
+    casts the input to the LoRA weights' dtype (fp32) first; under autocast, whose matmuls run in half precision
+    anyway, that round trip changes no value but saves an fp32 and a half copy of every wrapped layer's input per
+    call for backward (and a half copy per further stacked adapter). Not without autocast: a half input would
+    then meet fp32 LoRA weights."""
+    for layer in lora_layers(unet):
+        layer.cast_input_dtype_enabled = False
+
+
 def adapter_names(unet: torch.nn.Module) -> list[str]:
     """Names of the adapters loaded on the UNet, in insertion order."""
     return list(getattr(unet, "peft_config", {}).keys())

@@ -87,6 +87,8 @@ def build_model(cfg: TrainConfig, device) -> tuple[object, Method]:
         backend.vae.enable_gradient_checkpointing()
     method = METHODS[cfg.method](cfg)
     method.setup(backend)
+    if precision(cfg)[1] != "no":  # accelerate runs the denoiser under autocast
+        lora.keep_input_dtype(backend.net)
     return backend, method
 
 

@@ -111,10 +111,11 @@ def fake_weights(module: torch.nn.Module, mode) -> None:
 
 
 def modules_of(backend, reward) -> list[torch.nn.Module]:
-    """The networks an iteration runs: the backend's (denoiser, VAE, text encoders) and the reward's."""
-    found = [v for v in vars(backend).values() if isinstance(v, torch.nn.Module)]
+    """The networks an iteration runs: the backend's (denoiser, VAE, text encoders, also in a list as SD 3 keeps
+    them) and the reward's."""
     inner = getattr(reward, "fn", reward)
-    found += [v for v in vars(inner).values() if isinstance(v, torch.nn.Module)] if hasattr(inner, "__dict__") else []
+    values = [*vars(backend).values(), *(vars(inner).values() if hasattr(inner, "__dict__") else ())]
+    found = [m for v in values for m in (v if isinstance(v, list | tuple) else [v]) if isinstance(m, torch.nn.Module)]
     return list({id(m): m for m in found}.values())
 
 
@@ -129,10 +130,10 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
     from shortft.prompts import load_prompts
     from shortft.train import DTYPES, build_model, build_reward_fn, make_rollout
 
-    cfg = build_config(preset, overrides={**overrides, "dtype": half, "mixed_precision": "no"})
+    cfg = build_config(preset, overrides={**overrides, "dtype": half, "mixed_precision": "no" if half == "fp32" else half})
     backend, method = build_model(cfg, torch.device("cpu"))
     reward = build_reward_fn(cfg, torch.device("cpu"))
-    if half != "fp32":  # accelerate's mixed precision: the prepared denoiser's forward runs under autocast
+    if half != "fp32":  # accelerate's mixed precision (no accelerator here): the denoiser's forward under autocast
         backend.denoiser.forward = torch.autocast("cpu", dtype=DTYPES[half])(backend.denoiser.forward)
     mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     nets = modules_of(backend, reward)
