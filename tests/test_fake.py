@@ -74,6 +74,14 @@ def test_half_precision_weights_halve_the_frozen_weights(tiny):
     assert fp16["peak_bytes"] < fp32["peak_bytes"]
 
 
+def test_the_estimate_counts_calls_as_training_does(tiny):
+    """DRaFT-LV's extra noise-and-denoise calls are in its loss's report, not its plan: both counted."""
+    over = dict(model=str(tiny), shortcut=str(tiny / "shortcut.safetensors"), reward="symmetry", method="draft-lv",
+                batch_size=1, num_steps=4, lv_copies=2)
+    got = estimate("world", over, 0.0, "fp32")
+    assert (got["unet_calls"], got["graph_calls"]) == (4 + 2, 1 + 2)
+
+
 
 def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_one_in_half_precision(tmp_path):
     """`shortft bench efficiency --arch sd15` at 1/20 width, with the workers recorded instead of run: each row

@@ -146,12 +146,13 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
     def iteration(step: int, opt):
         ro, rng = make_rollout(cfg, backend, prompts, reward, step)
         plan = method.plan(progress, rng)
-        loss, _, _ = method.loss(ro, plan)
+        loss, _, extra = method.loss(ro, plan)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return plan
+        return {"unet_calls": len(plan.steps), "graph_calls": plan.graph_calls,  # as train counts them:
+                **{k: int(extra[k]) for k in ("unet_calls", "graph_calls") if k in extra}}  # DRaFT-LV adds its own
 
     with mode, Counter() as count:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -160,9 +161,9 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
         opt.step()
         opt.zero_grad(set_to_none=True)
         count.reset()
-        plan = iteration(0, opt)
+        calls = iteration(0, opt)
     return {"weights_bytes": weights, "peak_bytes": weights + count.peak, "steady_bytes": weights + count.live,
-            "tflop": count.flops / 1e12, "unet_calls": len(plan.steps), "graph_calls": plan.graph_calls,
+            "tflop": count.flops / 1e12, **calls,
             "trainable": sum(p.numel() for p in params if p.requires_grad)}
 
 
