@@ -121,6 +121,28 @@ def test_the_real_size_table_measures_each_resolution_and_estimates_the_native_o
                                               ("efficiency_estimate", 512, "shortft"), ("efficiency_estimate", 512, "full")]
 
 
+def test_a_row_that_runs_out_of_memory_is_reported_and_the_others_still_run(tmp_path):
+    """On a GPU, ShortFT's stage 1 on SDXL at 1024 px does not fit in 80 GB: that row reads "out of memory" and
+    the rows after it are measured (a GPU session is too short to lose them)."""
+    from shortft.bench.realsize import arch_section, run_arch
+
+    def runner(worker, spec, workdir, reuse=False):
+        if spec["overrides"]["method"] == "shortft":
+            raise RuntimeError("bench worker efficiency_method failed with status 1; torch.OutOfMemoryError: "
+                               "CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"seconds_median": 3.0, "unet_calls": 50, "graph_calls": 50,
+                "peak": {"rss_mb": 900.0}, "loaded": {"rss_mb": 100.0}}
+
+    rows = [r for r in efficiency.ROWS if r[0] in ("shortft (stage 1)", "full (checkpointed)")]
+    args = argparse.Namespace(arch="sd15", arch_divisor=20, resolutions="64", reward="symmetry", warmup=0, iters=1,
+                              threads=1, estimate=False, measure_rows="")
+    res = run_arch(args, rows, tmp_path, runner=runner)
+    assert res["rows"] == {"shortft (stage 1)": {"64": {"failed": "out of memory"}},
+                           "full (checkpointed)": {"64": runner("", {"overrides": {"method": "full"}}, None)}}
+    table = "\n".join(arch_section(res, "cmd", "today", "here"))
+    assert "| shortft (stage 1) | n/a | n/a | out of memory | out of memory | n/a |" in table
+    assert "| full (checkpointed) | 50 | 50 | 3.0 | 800 | n/a |" in table
+
 def test_lora_inputs_kept_in_half_precision_save_memory_under_autocast(tiny, monkeypatch):
     """peft's cast of each LoRA input to fp32 (undone by autocast) keeps two more copies of every wrapped layer's
     input for backward; `build_model` turns it off under mixed precision (lora.keep_input_dtype)."""

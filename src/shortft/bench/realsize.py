@@ -81,11 +81,16 @@ def run_arch(args, rows: list[tuple], workdir: Path, runner=run_worker) -> dict:
     for res in resolutions:
         for label, method, over, progress in measured:
             print(f"bench efficiency: {args.arch} at {res} px, {label} ...", flush=True)
-            out["rows"][label][str(res)] = runner("efficiency_method", {
-                "tag": f"{args.arch}-{res}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
-                "overrides": {**base, **over, "method": method, "resolution": res}, "progress": progress,
-                "warmup": args.warmup, "iters": args.iters, "overhead_reps": 0, "threads": args.threads},
-                workdir, reuse=True)
+            try:
+                out["rows"][label][str(res)] = runner("efficiency_method", {
+                    "tag": f"{args.arch}-{res}-{slug(label)}", "preset": ARCH_PRESETS[args.arch],
+                    "overrides": {**base, **over, "method": method, "resolution": res}, "progress": progress,
+                    "warmup": args.warmup, "iters": args.iters, "overhead_reps": 0, "threads": args.threads},
+                    workdir, reuse=True)
+            except RuntimeError as err:  # a row that does not fit is a result; the other rows still run
+                failed = "out of memory" if "out of memory" in str(err).lower() else "failed"
+                print(f"bench efficiency: {args.arch} at {res} px, {label}: {failed} (its log is in {workdir})")
+                out["rows"][label][str(res)] = {"failed": failed}
     for label, method, over, progress in rows if args.estimate else ():
         print(f"bench efficiency: {args.arch} at {native} px in {half} on fake tensors, {label} ...", flush=True)
         out["estimates"][label] = runner("efficiency_estimate", {
@@ -109,7 +114,7 @@ def fits(peak_gb: float) -> str:
 def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
     arch, rs, native, half = res["arch"], res["resolutions"], res["native"], res["half"]
     est = res["estimates"]
-    gpu = any("cuda_mb" in r["peak"] for runs in res["rows"].values() for r in runs.values())
+    gpu = any("cuda_mb" in r.get("peak", {}) for runs in res["rows"].values() for r in runs.values())
     lines = [f"Measured by `{command}` on {when}. Machine: {where}. Architecture `{arch}` with random weights "
              f"({res['weights_gb']:.2f} GB of fp16 weights), its preset `{ARCH_PRESETS[arch]}`, batch 1 with "
              f"CFG, reward as in the command; every row in a fresh process.", ""]
@@ -126,15 +131,17 @@ def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for label, runs in res["rows"].items():
         e = est.get(label)
-        calls = e or next(iter(runs.values()))
-        cells = "".join(f"{runs[str(r)]['seconds_median']:.1f} | {over_load(runs[str(r)]):.0f} | "
-                        if str(r) in runs else "n/a | n/a | " for r in rs)
+        ran = {r: run for r, run in runs.items() if "failed" not in run}
+        calls = e or next(iter(ran.values()), {"unet_calls": "n/a", "graph_calls": "n/a"})
+        cells = "".join(f"{ran[str(r)]['seconds_median']:.1f} | {over_load(ran[str(r)]):.0f} | " if str(r) in ran
+                        else f"{runs[str(r)]['failed']} | {runs[str(r)]['failed']} | " if str(r) in runs
+                        else "n/a | n/a | " for r in rs)
         native_cells = (f"{e['tflop']:.1f} | {e['weights_bytes'] / 1e9:.1f} | {e['peak_bytes'] / 1e9:.1f} | "
                         f"{fits(e['peak_bytes'] / 1e9)}" if e else "n/a | n/a | n/a | n/a")
         lines.append(f"| {label} | {calls['unet_calls']} | {calls['graph_calls']} | {cells}{native_cells} |")
     s, f = "shortft (stage 1)", "full (checkpointed)"
     if s in res["rows"] and f in res["rows"]:
-        rows_s, rows_f = res["rows"][s], res["rows"][f]
+        rows_s, rows_f = ({r: run for r, run in res["rows"][x].items() if "failed" not in run} for x in (s, f))
         ratios = [f"{r} px: time {rows_s[str(r)]['seconds_median'] / rows_f[str(r)]['seconds_median']:.2f}x, memory "
                   f"added {over_load(rows_s[str(r)]) / max(over_load(rows_f[str(r)]), 1e-9):.2f}x"
                   for r in rs if str(r) in rows_s and str(r) in rows_f]
