@@ -276,7 +276,8 @@ def fake_paired(engine_s: list[float], hand_s: list[float], loss: float) -> dict
 def test_overhead_rounds_pair_time_and_measure_memory_per_side(tmp_path):
     calls = []
 
-    def runner(worker, spec, workdir):
+    def runner(worker, spec, workdir, reuse=False):
+        assert reuse  # an interrupted overhead run continues from its workdir
         calls.append((worker, spec["tag"], spec["overrides"]["method"], spec["progress"]))
         if worker == "overhead_paired":
             # first iterations (9.0, 5.0) are left out; the machine slows down over the process, both sides alike

@@ -67,7 +67,8 @@ def worker_paired(spec: dict) -> dict:
 def run_overhead(base: dict, rows: list[tuple], preset: str | None, rounds: int, iters: int, threads: int,
                  workdir, runner=run_worker) -> dict:
     """{row label: {"paired": [a paired worker's result per round], "engine": [memory worker results],
-    "hand": [...]}} for `rows` of (label, method, config overrides, progress)."""
+    "hand": [...]}} for `rows` of (label, method, config overrides, progress). Results already in `workdir`
+    from the identical spec are reused: an interrupted run continues; a new measurement needs a new workdir."""
     out = {label: {"paired": [], "engine": [], "hand": []} for label, *_ in rows}
     for r in range(rounds):
         for label, method, over, progress in rows:
@@ -75,11 +76,11 @@ def run_overhead(base: dict, rows: list[tuple], preset: str | None, rounds: int,
                     "iters": iters, "threads": threads}
             print(f"bench efficiency: overhead round {r + 1}/{rounds}, {label}, paired time ...", flush=True)
             out[label]["paired"].append(runner("overhead_paired", {
-                **spec, "tag": f"overhead-{slug(label)}-paired-r{r}"}, workdir))
+                **spec, "tag": f"overhead-{slug(label)}-paired-r{r}"}, workdir, reuse=True))
             for side in ("engine", "hand") if r % 2 == 0 else ("hand", "engine"):
                 print(f"bench efficiency: overhead round {r + 1}/{rounds}, {label}, {side} memory ...", flush=True)
                 out[label][side].append(runner("overhead_side", {
-                    **spec, "tag": f"overhead-{slug(label)}-{side}-r{r}", "side": side}, workdir))
+                    **spec, "tag": f"overhead-{slug(label)}-{side}-r{r}", "side": side}, workdir, reuse=True))
     return out
 
 
