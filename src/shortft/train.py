@@ -189,7 +189,7 @@ def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, rewar
             accelerator.backward(loss)
             step_rewards.append(rewards)
             info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps),
-                    **{k: float(v) for k, v in extra.items()}}  # a method's scalars, read here (not in its loss)
+                    **{k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}}  # a method's scalars (counts stay int)
             calls += info["unet_calls"]
             if accelerator.sync_gradients:
                 for p in params:  # adapters outside this stage's set never move (AdamW would decay them)
