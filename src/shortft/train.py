@@ -175,6 +175,13 @@ def progress_of(cfg: TrainConfig, steps: int, seconds: float, calls: int) -> flo
                calls / cfg.unet_call_budget if cfg.unet_call_budget else 0.0)
 
 
+def step_info(plan, extra: dict) -> dict:
+    """What one rollout logs: the plan's info and call counts, overridden by the scalars the method's loss
+    reports (DRaFT-LV's re-noised copies add calls), read here rather than in the loss (counts stay int)."""
+    return {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps),
+            **{k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}}
+
+
 def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, reward, prompts: list[str], params,
                    optimizer, step: int, progress: float) -> tuple[torch.Tensor, dict, float, bool, float]:
     """One optimiser step: `grad_accum` rollouts (plan, chain, reward, backward), clipping and AdamW.
@@ -188,8 +195,7 @@ def optimizer_step(cfg: TrainConfig, accelerator, backend, method: Method, rewar
             loss, rewards, extra = method.loss(rollout, plan)
             accelerator.backward(loss)
             step_rewards.append(rewards)
-            info = {**plan.info, "graph_calls": plan.graph_calls, "unet_calls": len(plan.steps),
-                    **{k: v.item() if torch.is_tensor(v) else v for k, v in extra.items()}}  # a method's scalars (counts stay int)
+            info = step_info(plan, extra)
             calls += info["unet_calls"]
             if accelerator.sync_gradients:
                 for p in params:  # adapters outside this stage's set never move (AdamW would decay them)

@@ -128,7 +128,7 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
     from shortft import lora
     from shortft.config import build_config
     from shortft.prompts import load_prompts
-    from shortft.train import DTYPES, build_model, build_reward_fn, make_rollout
+    from shortft.train import DTYPES, build_model, build_reward_fn, make_rollout, step_info
 
     cfg = build_config(preset, overrides={**overrides, "dtype": half, "mixed_precision": "no" if half == "fp32" else half})
     backend, method = build_model(cfg, torch.device("cpu"))
@@ -151,8 +151,8 @@ def estimate(preset: str | None, overrides: dict, progress: float, half: str, fa
         torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return {"unet_calls": len(plan.steps), "graph_calls": plan.graph_calls,  # as train counts them:
-                **{k: int(extra[k]) for k in ("unet_calls", "graph_calls") if k in extra}}  # DRaFT-LV adds its own
+        info = step_info(plan, extra)  # counted as training counts them
+        return {k: info[k] for k in ("unet_calls", "graph_calls")}
 
     with mode, Counter() as count:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

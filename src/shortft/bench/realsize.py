@@ -111,6 +111,11 @@ def fits(peak_gb: float) -> str:
     return " / ".join("yes" if peak_gb + CUDA_GB <= g else "no" for g in GPU_GB)
 
 
+def completed(runs: dict) -> dict:
+    """A row's measured runs by resolution, without those that failed (out of memory)."""
+    return {r: run for r, run in runs.items() if "failed" not in run}
+
+
 def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
     arch, rs, native, half = res["arch"], res["resolutions"], res["native"], res["half"]
     est = res["estimates"]
@@ -131,7 +136,7 @@ def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for label, runs in res["rows"].items():
         e = est.get(label)
-        ran = {r: run for r, run in runs.items() if "failed" not in run}
+        ran = completed(runs)
         calls = e or next(iter(ran.values()), {"unet_calls": "n/a", "graph_calls": "n/a"})
         cells = "".join(f"{ran[str(r)]['seconds_median']:.1f} | {over_load(ran[str(r)]):.0f} | " if str(r) in ran
                         else f"{runs[str(r)]['failed']} | {runs[str(r)]['failed']} | " if str(r) in runs
@@ -141,7 +146,7 @@ def arch_section(res: dict, command: str, when: str, where: str) -> list[str]:
         lines.append(f"| {label} | {calls['unet_calls']} | {calls['graph_calls']} | {cells}{native_cells} |")
     s, f = "shortft (stage 1)", "full (checkpointed)"
     if s in res["rows"] and f in res["rows"]:
-        rows_s, rows_f = ({r: run for r, run in res["rows"][x].items() if "failed" not in run} for x in (s, f))
+        rows_s, rows_f = completed(res["rows"][s]), completed(res["rows"][f])
         ratios = [f"{r} px: time {rows_s[str(r)]['seconds_median'] / rows_f[str(r)]['seconds_median']:.2f}x, memory "
                   f"added {over_load(rows_s[str(r)]) / max(over_load(rows_f[str(r)]), 1e-9):.2f}x"
                   for r in rs if str(r) in rows_s and str(r) in rows_f]
