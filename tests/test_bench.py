@@ -283,7 +283,7 @@ def test_overhead_rounds_pair_time_and_measure_memory_per_side(tmp_path):
             # first iterations (9.0, 5.0) are left out; the machine slows down over the process, both sides alike
             return fake_paired([9.0, 1.1, 2.2, 4.4], [5.0, 1.0, 2.0, 4.0], -1.0)
         return {"seconds": [1.0], "cpu_seconds": [1.0], "loss": [-1.0],
-                "rss_mb": 30.0 if spec["side"] == "engine" else 20.0}
+                "rss_mb": 30.0 if spec["side"] == "engine" else 20.0, "tensor_mb": 21.0 if spec["side"] == "engine" else 20.0}
 
     rows = [("shortft (stage 2)", "shortft", {}, 0.3), ("full (checkpointed)", "full", {}, 0.0)]
     results = overhead_bench.run_overhead({"reward": "symmetry"}, rows, "world", 2, 3, 1, tmp_path, runner=runner)
@@ -299,14 +299,16 @@ def test_overhead_rounds_pair_time_and_measure_memory_per_side(tmp_path):
     row = table["full (checkpointed)"]
     # every back-to-back pair is 10% slower through the engine, although the iterations' times spread 4x
     assert row["time"] == pytest.approx(0.1) and row["cpu"] == pytest.approx(0.1)
-    assert row["engine"] == {"s": pytest.approx(2.2), "cpu_s": pytest.approx(1.1), "rss_mb": 30.0}
-    assert row["hand"] == {"s": 2.0, "cpu_s": 1.0, "rss_mb": 20.0}
-    assert row["rss"] == pytest.approx(0.5) and row["loss_diff"] == pytest.approx(1e-6, rel=1e-3)
+    assert row["engine"] == {"s": pytest.approx(2.2), "cpu_s": pytest.approx(1.1), "rss_mb": 30.0, "tensor_mb": 21.0}
+    assert row["hand"] == {"s": 2.0, "cpu_s": 1.0, "rss_mb": 20.0, "tensor_mb": 20.0}
+    assert row["rss"] == pytest.approx(0.5) and row["tensor"] == pytest.approx(0.05)
+    assert row["loss_diff"] == pytest.approx(1e-6, rel=1e-3) and "cuda" not in row
     args = argparse.Namespace(threads=1, steps=50, batch=2, reward="symmetry", rounds=2, iters=3)
     spec = ModelSpec("m", "s", "p", "p", "medium", config={"guidance": 7.5, "lora_layers": "attn"})
     lines = efficiency_report.overhead_section(results, spec, args, "shortft bench efficiency --only overhead")
-    assert "| full (checkpointed) | 2.200 | 2.000 | +10.0% | 1.100 | 1.000 | +10.0% | 30.0 | 20.0 | +50.0% | 1.0e-06 |" \
-        in lines
+    assert "| full (checkpointed) | 2.200 | 2.000 | +10.0% | 1.100 | 1.000 | +10.0% | 30.0 | 20.0 | +50.0% | " \
+        "21.0 | 20.0 | +5.0% | 1.0e-06 |" in lines
+    assert "live-tensor overhead | loss diff |" in lines[4] and lines[5].count("|") == lines[4].count("|")
     assert "'lora_layers': 'attn'" in lines[0] and "--only overhead" in lines[0]
 
 
@@ -319,6 +321,8 @@ def test_overhead_workers_sides_agree(common):
     assert engine["loss"] == pytest.approx(hand["loss"], rel=1e-5) and engine["loss"][0] != engine["loss"][1]
     assert len(engine["seconds"]) == len(hand["seconds"]) == len(engine["cpu_seconds"]) == 2 and set(engine) == set(hand)
     assert 0 < engine["cpu_seconds"][1] and 0 < hand["cpu_seconds"][1]
+    # the same tensors live at the peak of an iteration on both sides: the engine holds nothing extra
+    assert engine["tensor_mb"] > 0.1 and engine["tensor_mb"] == pytest.approx(hand["tensor_mb"], rel=0.01)
     paired = overhead_bench.worker_paired(spec)
     assert paired["engine"]["loss"] == pytest.approx(engine["loss"], rel=1e-5)
     assert paired["hand"]["loss"] == pytest.approx(hand["loss"], rel=1e-5)

@@ -105,7 +105,8 @@ def grads_section(grads: dict, lengths: list[int], args) -> list[str]:
 
 def overhead_section(overhead: dict, spec: ModelSpec, args, command: str) -> list[str]:
     table = summarise_overhead(overhead)
-    gpu = any("cuda" in r for r in table.values())
+    extra = [key for key in ("tensor", "cuda") if all(key in r for r in table.values())]  # optional columns
+    names = {"tensor": "live-tensor", "cuda": "CUDA"}
     lines = [f"Measured by `{command}` on {now()}. Machine: {machine()}. Torch threads per process: "
              f"{args.threads or 'default'}. {setup_text(spec, args)}", "",
              "One whole training iteration (rollout, chain, VAE decode, reward, backward, clipping, AdamW step) "
@@ -119,20 +120,24 @@ def overhead_section(overhead: dict, spec: ModelSpec, args, command: str) -> lis
              "iterations run back to back, as wall clock and as the process's CPU time (one thread: what it "
              "computed, not the time it waited for a core). Memory: in each round also one fresh process per side "
              f"({args.iters} iterations), what the iterations added, peak RSS minus RSS before the first "
-             "(the process's peak-RSS mark reset after setup)" + ("; CUDA: max_memory_allocated minus allocated "
-                                                                  "before" if gpu else "") + ", median over rounds. "
+             "(the process's peak-RSS mark reset after setup), median over rounds"
+             + ("; live-tensor MB: the peak bytes of the tensors one more iteration made and held at once "
+                "(`shortft.bench.fake.Counter`; what `cuda.max_memory_allocated` counts on a GPU, and the same in "
+                "every round: RSS adds what the allocator keeps of freed memory, which differs between processes)"
+                if "tensor" in extra else "")
+             + ("; CUDA: max_memory_allocated minus allocated before" if "cuda" in extra else "") + ". "
              "Overheads are engine / hand - 1. 'loss diff' is the largest relative difference of the "
              "two sides' losses over the same iterations (the hand-written iteration computes the same thing).", "",
              "| method | engine s / it | hand s / it | time overhead | engine CPU s | hand CPU s | CPU overhead | "
-             "engine MB | hand MB | memory overhead |" + (" engine CUDA MB | hand CUDA MB | CUDA overhead |" if gpu else "")
+             "engine RSS MB | hand RSS MB | RSS overhead |"
+             + "".join(f" engine {names[k]} MB | hand {names[k]} MB | {names[k]} overhead |" for k in extra)
              + " loss diff |",
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|---|---|" if gpu else "") + "---|"]
+             "|---|---|---|---|---|---|---|---|---|---|" + "---|---|---|" * len(extra) + "---|"]
     for label, r in table.items():
         e, h = r["engine"], r["hand"]
         lines.append(f"| {label} | {fmt(e['s'])} | {fmt(h['s'])} | {pct(r['time'])} | {fmt(e['cpu_s'])} | "
-                     f"{fmt(h['cpu_s'])} | {pct(r['cpu'])} | {e['rss_mb']:.1f} | "
-                     f"{h['rss_mb']:.1f} | {pct(r['rss'])} | "
-                     + (f"{e['cuda_mb']:.1f} | {h['cuda_mb']:.1f} | {pct(r['cuda'])} | " if gpu else "")
+                     f"{fmt(h['cpu_s'])} | {pct(r['cpu'])} | {e['rss_mb']:.1f} | {h['rss_mb']:.1f} | {pct(r['rss'])} | "
+                     + "".join(f"{e[f'{k}_mb']:.1f} | {h[f'{k}_mb']:.1f} | {pct(r[k])} | " for k in extra)
                      + f"{r['loss_diff']:.1e} |")
     return lines
 

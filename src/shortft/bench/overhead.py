@@ -10,7 +10,10 @@ Memory needs a process per side: the `overhead_side` worker builds one side, res
 runs `iters` iterations and reports the memory they added (peak RSS minus RSS before the first; on a GPU
 also CUDA max_memory_allocated minus what was allocated before); their figures vary by 2-10% between
 processes, so each round runs them again (engine first or hand first, alternating) besides the paired
-process, and the table takes medians over rounds.
+process, and the table takes medians over rounds. RSS also holds what the allocator keeps of freed memory,
+which differs between processes of either side; so each side worker then runs one more iteration under
+`fake.Counter` and reports the peak bytes of live tensors it made (deterministic: the same in every round;
+what `cuda.max_memory_allocated` measures on a GPU).
 Both sides run in fp32 without autocast, so they compute the same thing on a GPU too (the losses are
 compared).
 """
@@ -21,6 +24,7 @@ import gc
 
 from shortft.bench import median, run_worker, set_threads, slug
 from shortft.bench.engine import build_context, memory_mark, memory_peak, train_iteration
+from shortft.bench.fake import Counter
 from shortft.bench.hand import hand_iteration
 
 FP32 = {"dtype": "fp32", "mixed_precision": "no"}  # both sides: fp32 weights and maths
@@ -40,8 +44,10 @@ def worker_side(spec: dict) -> dict:
     before = memory_mark(ctx["device"])
     its = [iteration(ctx, i, spec["progress"]) for i in range(spec["iters"])]
     peak = memory_peak(ctx["device"])
+    with Counter() as count:  # after the timed iterations: the Counter slows every op
+        iteration(ctx, spec["iters"], spec["progress"])
     return {"seconds": [x["seconds"] for x in its], "cpu_seconds": [x["cpu_seconds"] for x in its],
-            "loss": [x["loss"] for x in its],
+            "loss": [x["loss"] for x in its], "tensor_mb": count.peak / 2**20,
             **{key: peak[key] - before[key] for key in before}}
 
 
@@ -112,16 +118,18 @@ def summarise_overhead(results: dict) -> dict:
         wall, cpu = paired_times(sides["paired"], "seconds"), paired_times(sides["paired"], "cpu_seconds")
         engine = {"s": wall["engine"], "cpu_s": cpu["engine"], "rss_mb": median([r["rss_mb"] for r in sides["engine"]])}
         hand = {"s": wall["hand"], "cpu_s": cpu["hand"], "rss_mb": median([r["rss_mb"] for r in sides["hand"]])}
-        if "cuda_mb" in sides["engine"][0]:
-            engine["cuda_mb"] = median([r["cuda_mb"] for r in sides["engine"]])
-            hand["cuda_mb"] = median([r["cuda_mb"] for r in sides["hand"]])
+        for key in ("tensor_mb", "cuda_mb"):
+            if key in sides["engine"][0]:
+                engine[key] = median([r[key] for r in sides["engine"]])
+                hand[key] = median([r[key] for r in sides["hand"]])
         pairs = [(p["engine"]["loss"], p["hand"]["loss"]) for p in sides["paired"]]
         pairs += [(a["loss"], b["loss"]) for a, b in zip(sides["engine"], sides["hand"])]
         losses = [(e, h) for a, b in pairs for e, h in zip(a, b)]
         row = {"engine": engine, "hand": hand, "time": wall["overhead"], "cpu": cpu["overhead"],
                "rss": ratio(engine["rss_mb"], hand["rss_mb"]),
                "loss_diff": max(abs(e - h) / max(abs(h), 1e-12) for e, h in losses)}
-        if "cuda_mb" in engine:
-            row["cuda"] = ratio(engine["cuda_mb"], hand["cuda_mb"])
+        for key in ("tensor", "cuda"):
+            if f"{key}_mb" in engine:
+                row[key] = ratio(engine[f"{key}_mb"], hand[f"{key}_mb"])
         table[label] = row
     return table
