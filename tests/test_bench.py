@@ -259,6 +259,14 @@ def test_efficiency_row_and_report(common, tiny, tmp_path):
     assert "| raw UNet calls | 1.000 | 4.000 | 0.250 |" in text
     assert "| engine overhead | +5.0% | +5.0% | |" in text and "| 10 | 1.5 [1, 2] | 0.5 [0.5, 0.5] |" in text
     assert "| shortft (stage 1) | 6 | 6 |" in text and f"{NUM_STEPS} DDIM steps" in text
+    # a rerun of some parts keeps the header (its command wrote the rest) and names its own command in its sections
+    grads["full@10"] = [3.0]
+    part = efficiency_report.write_report(out, spec_m, args, {"grads": grads, "lengths": [10]}, "shortft bench x --only gradlen",
+                                          full=False)
+    assert part.split("\n## ")[0] == text.split("\n## ")[0] and "| 10 | 3 [3, 3] |" in part
+    gradlen = part.split(f"## {efficiency_report.GRADS}\n\n")[1]
+    assert gradlen.startswith("Measured by `shortft bench x --only gradlen` on ")
+    assert part.count("Measured by") == text.count("Measured by") + 1
 
 
 def test_report_names_the_chain_update_of_the_model_family(tiny, tiny_sd3):

@@ -181,11 +181,17 @@ def write_arch_report(out: Path, results: dict, command: str, divisor: int = 1) 
 
 def write_report(out: Path, spec: ModelSpec, args, results: dict, command: str, full: bool) -> str:
     """Write the report: the whole file after a run of every part, else the parts' sections into the existing
-    file (its header and other sections kept)."""
+    file (its header and other sections kept), each then opening with the command that measured it."""
     header = "\n".join([TITLE, "", f"Written by `{command}` on {now()}.", "",
                         f"Machine: {machine()}. Torch threads per worker: {args.threads or 'default'}.", "",
                         setup_text(spec, args), "", ""])
-    old = header if full or not out.is_file() else out.read_text()
-    text = merge(old, sections(spec, args, results, command))
+    parts = sections(spec, args, results, command)
+    if not full and out.is_file():  # the header names the run that wrote the file: say which wrote these parts
+        old = out.read_text()
+        parts = {h: lines if lines[0].startswith("Measured by") else [f"Measured by `{command}` on {now()}.", "", *lines]
+                 for h, lines in parts.items()}
+    else:
+        old = header
+    text = merge(old, parts)
     files.write_text(out, text)
     return text
