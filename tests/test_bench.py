@@ -203,7 +203,7 @@ def lora_state(ctx: dict, what: str) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("method,progress,layers", [("shortft", 0.0, "attn_ff"), ("shortft", 0.55, "attn_ff"),
                                                     ("full", 0.0, "attn"), ("drtune", 0.0, "attn_ff"),
-                                                    ("draft-lv", 0.0, "attn_ff")])
+                                                    ("draft-lv", 0.0, "attn_ff"), ("leapalign", 0.0, "attn_ff")])
 def test_hand_iteration_computes_the_engine_iteration(common, method, progress, layers, monkeypatch):
     """The overhead baseline must compute the same loss, gradients and update, or the comparison is void."""
     over = {**common, "method": method, "guidance": 3.0, "batch_size": 2, "lora_layers": layers}
@@ -347,6 +347,10 @@ def test_only_some_parts_replace_their_sections(tmp_path):
     args = parser.parse_args(["efficiency", "--only", "overhead", "--rows", "drtune,refl"])
     parts, rows = efficiency.selection(args)
     assert parts == ["overhead"] and [r[0] for r in rows] == ["drtune", "refl"]
+    # the engine-vs-hand table also runs ShortFT's stage 1 with all of segment 1 in the graph (issue 18's shape)
+    rows = efficiency.selection(parser.parse_args(["efficiency", "--only", "overhead"]))[1]
+    assert rows[-1] == efficiency.OVERHEAD_ROWS[0] and rows[-1][2] == {"s1_grad_steps": 1000}
+    assert all(r[1] in efficiency.HAND_METHODS for r in rows)  # every method has its hand-written iteration
     with pytest.raises(ConfigError, match="flops"):
         efficiency.selection(parser.parse_args(["efficiency", "--only", "rows,flops"]))
     lever = "shortft (stage 1) + vae_checkpoint"  # the memory levers are rows of the real-size table only

@@ -33,6 +33,8 @@ def raw_chain(backend, steps: list[Step], x: torch.Tensor, cond: dict, uncond: d
     for s in steps:
         (a, b), (a2, b2) = backend.coefficients(s.t_from), backend.coefficients(s.t_to)
         inp = x.detach() if s.grad == "detach_input" else x
+        if s.input_grad != 1:  # the input's value, a share of its gradient (LeapAlign's discount)
+            inp = x.detach() + s.input_grad * (x - x.detach())
         ctx = cond
         if s.guidance > 1:
             inp, ctx = torch.cat([inp, inp]), both
@@ -58,6 +60,22 @@ def raw_chain(backend, steps: list[Step], x: torch.Tensor, cond: dict, uncond: d
     return x
 
 
+def leapalign_objective(backend, ro, steps: list[Step], k: int, j: int, decode, tau: float):
+    """LeapAlign's weighted reward by hand: the no-grad chain through x_k and x_j to x_0, the two leaps with
+    gradient (the plan's last two steps), straight-through connectors to the real x_j and x_0. (rewards, total)"""
+    from shortft.methods.leapalign import consistency_weight
+
+    *chain, first, second = steps
+    x_k = raw_chain(backend, chain[:k], ro.x_T, ro.cond, ro.uncond)
+    x_j = raw_chain(backend, chain[k:j], x_k, ro.cond, ro.uncond)
+    x_0 = raw_chain(backend, chain[j:], x_j, ro.cond, ro.uncond)
+    leap_j = raw_chain(backend, [first], x_k, ro.cond, ro.uncond)
+    leap_0 = raw_chain(backend, [second], x_j + (leap_j - leap_j.detach()), ro.cond, ro.uncond)
+    w = consistency_weight(leap_j, x_j, leap_0, x_0, tau)  # (B,) no gradient
+    rewards = ro.reward(decode(x_0 + (leap_0 - leap_0.detach())), ro.prompts)  # (B,) the real image's
+    return rewards, (w.to(rewards.dtype) * rewards).mean()
+
+
 def hand_iteration(ctx: dict, it: int, progress: float, zero_grad: bool = True) -> dict:
     """`engine.train_iteration` written by hand on a context built with `prepare=False`; the trainable
     adapters are set once beforehand (`lora.set_trainable(unet, method.trainable(progress))`)."""
@@ -74,10 +92,15 @@ def hand_iteration(ctx: dict, it: int, progress: float, zero_grad: bool = True) 
     sync(ctx["device"])
     t0, c0 = time.perf_counter(), time.process_time()
     ro, rng = make_rollout(cfg, backend, ctx["prompts"], ctx["reward"], it)
-    steps = ctx["method"].plan(progress, rng).steps
-    x0 = raw_chain(backend, steps, ro.x_T, ro.cond, ro.uncond)
-    rewards = ro.reward(decode(x0), ro.prompts)  # (B,)
-    total = rewards.mean()
+    plan = ctx["method"].plan(progress, rng)
+    steps = plan.steps
+    if cfg.method == "leapalign":
+        rewards, total = leapalign_objective(backend, ro, steps, plan.info["leap_k"], plan.info["leap_j"], decode,
+                                             cfg.leap_tau)
+    else:
+        x0 = raw_chain(backend, steps, ro.x_T, ro.cond, ro.uncond)
+        rewards = ro.reward(decode(x0), ro.prompts)  # (B,)
+        total = rewards.mean()
     if cfg.method == "draft-lv":  # the last step again from re-noised copies of the stop-gradient sample
         last = steps[-1]
         a, b = backend.coefficients(last.t_from)
