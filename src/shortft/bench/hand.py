@@ -16,7 +16,7 @@ import torch.utils.checkpoint
 
 from shortft import lora
 from shortft.bench import sync
-from shortft.chain import END, Step
+from shortft.chain import END, Step, routed
 
 
 def switch(unet, adapters: tuple[str, ...]) -> None:
@@ -34,7 +34,7 @@ def raw_chain(backend, steps: list[Step], x: torch.Tensor, cond: dict, uncond: d
         (a, b), (a2, b2) = backend.coefficients(s.t_from), backend.coefficients(s.t_to)
         inp = x.detach() if s.grad == "detach_input" else x
         if s.input_grad != 1:  # the input's value, a share of its gradient (LeapAlign's discount)
-            inp = x.detach() + s.input_grad * (x - x.detach())
+            inp = routed(x, x, s.input_grad)
         ctx = cond
         if s.guidance > 1:
             inp, ctx = torch.cat([inp, inp]), both
@@ -70,9 +70,9 @@ def leapalign_objective(backend, ro, steps: list[Step], k: int, j: int, decode, 
     x_j = raw_chain(backend, chain[k:j], x_k, ro.cond, ro.uncond)
     x_0 = raw_chain(backend, chain[j:], x_j, ro.cond, ro.uncond)
     leap_j = raw_chain(backend, [first], x_k, ro.cond, ro.uncond)
-    leap_0 = raw_chain(backend, [second], x_j + (leap_j - leap_j.detach()), ro.cond, ro.uncond)
+    leap_0 = raw_chain(backend, [second], routed(x_j, leap_j), ro.cond, ro.uncond)
     w = consistency_weight(leap_j, x_j, leap_0, x_0, tau)  # (B,) no gradient
-    rewards = ro.reward(decode(x_0 + (leap_0 - leap_0.detach())), ro.prompts)  # (B,) the real image's
+    rewards = ro.reward(decode(routed(x_0, leap_0)), ro.prompts)  # (B,) the real image's
     return rewards, (w.to(rewards.dtype) * rewards).mean()
 
 
