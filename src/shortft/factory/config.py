@@ -74,7 +74,7 @@ class CLIPConfig:
 @dataclass
 class FlowConfig:
     tiny: bool = False  # tiny transformer (1 layer, width 16) for tests; the shipped one: 8 layers, width 128
-    steps: int = 4000  # optimiser steps
+    steps: int = 8000  # optimiser steps (the shipped flow-model/ was trained for 8,000)
     batch: int = 32  # latents per step
     lr: float = 5e-4  # peak AdamW learning rate (after the warm-up), cosine-decayed to lr_min
     lr_min: float = 5e-5  # learning rate at the last step
